@@ -1,0 +1,81 @@
+"""The ``deploycomp`` command line: a Click group whose commands live in their own modules.
+
+Commands are imported only when invoked (or asked for ``--help``), and those modules import only
+click at the top, so ``deploycomp --help`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+import click
+
+from deploycomp import __version__
+
+# command name -> "module:function"; the module is imported on first use.
+COMMANDS = {
+    "train": "deploycomp.cli.train:train",
+    "eval": "deploycomp.cli.evaluate:evaluate",
+    "info": "deploycomp.cli.info:info",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command is needed; maps errors to one line."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name and not name.startswith("-") and name not in COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(name, COMMANDS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            ctx.fail(f"no such command {name!r}.{hint} Commands: {', '.join(sorted(COMMANDS))}.")
+        return super().resolve_command(ctx, args)
+
+    def invoke(self, ctx):
+        from deploycomp import console
+        from deploycomp.errors import DeploycompError
+
+        try:
+            return super().invoke(ctx)
+        except DeploycompError as e:
+            if console.verbosity() >= console.VERBOSE:
+                traceback.print_exc()
+            err = click.ClickException(str(e))
+            err.exit_code = e.exit_code
+            raise err from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="deploycomp")
+@click.option("-v", "--verbose", is_flag=True, help="More output; show tracebacks of errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and warnings; no progress.")
+def cli(verbose: bool, quiet: bool) -> None:
+    """Prune, distill, export, quantize and benchmark CNNs for deployment.
+
+    Every command works on the shipped Fashion-MNIST baseline when no --model is given.
+    """
+    from deploycomp import console
+
+    console.set_verbosity(console.VERBOSE if verbose else console.QUIET if quiet else console.NORMAL)
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="deploycomp")
+    except KeyboardInterrupt:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)

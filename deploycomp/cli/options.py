@@ -1,0 +1,76 @@
+"""Options shared by several commands, defined once (the pip-tools way)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+
+def compose(*decorators):
+    def apply(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
+def positive_int(name: str):
+    def convert(ctx, param, value):
+        if value is not None and value <= 0:
+            raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
+        return value
+
+    return convert
+
+
+model_options = compose(
+    click.option("-m", "--model", default=None, metavar="NAME|PATH",
+                 help="Zoo model name or checkpoint file. Default: the shipped Fashion-MNIST baseline."),
+    click.option("--arch", default=None, metavar="NAME",
+                 help="Architecture of a plain state-dict file given as --model."),
+    click.option("--num-classes", type=int, default=None,
+                 help="Classes of a fresh zoo model (default: the dataset's)."),
+    click.option("--in-channels", type=int, default=None,
+                 help="Input channels of a fresh zoo model (default: the dataset's; adapts the stem)."),
+    click.option("--weights", default=None, metavar="NAME",
+                 help="torchvision weights for a fresh zoo model, e.g. DEFAULT or IMAGENET1K_V2."),
+    click.option("--trust-pickle", is_flag=True,
+                 help="Allow loading a fully pickled module (runs code from the file: only for files you trust)."),
+)
+
+data_options = compose(
+    click.option("-d", "--data", default=None, metavar="NAME",
+                 help="Dataset: fashion-mnist, cifar10, imagefolder, synthetic. "
+                      "Default: the model's, else fashion-mnist."),
+    click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the dataset's files are."),
+)
+
+device_option = click.option("--device", default=None, metavar="cpu|cuda|cuda:N",
+                             help="Default: CUDA when present, CPU otherwise.")
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+
+
+def model_kwargs(options: dict) -> dict:
+    """The model-related entries of a command's options, as ``load_inputs`` keyword arguments."""
+    keys = ("arch", "num_classes", "in_channels", "weights", "trust_pickle")
+    return {k: options[k] for k in keys if options.get(k) not in (None, False)}
+
+
+def print_json(obj) -> None:
+    from deploycomp.files import _json_default
+
+    click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def pass_options(fn):
+    """Collect every option into one dict argument ``opts`` (keeps command bodies short)."""
+
+    @functools.wraps(fn)
+    def wrapper(**opts):
+        return fn(opts)
+
+    return wrapper

@@ -1,0 +1,83 @@
+"""deploycomp train: train or fine-tune a model with the one shared fit()."""
+
+from __future__ import annotations
+
+import click
+
+from deploycomp.cli.options import (
+    compose,
+    data_options,
+    device_option,
+    json_option,
+    model_kwargs,
+    model_options,
+    pass_options,
+    positive_int,
+    print_json,
+)
+
+# Shared with every command that trains (prune's fine-tuning, distill).
+train_options = compose(
+    click.option("--epochs", type=int, default=10, show_default=True, callback=positive_int("--epochs")),
+    click.option("--batch-size", type=int, default=128, show_default=True, callback=positive_int("--batch-size")),
+    click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd", show_default=True),
+    click.option("--lr", type=float, default=None, help="Learning rate. Default: 0.1 for SGD, 1e-3 for Adam."),
+    click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (Nesterov)."),
+    click.option("--weight-decay", type=float, default=5e-4, show_default=True),
+    click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine",
+                 show_default=True, help="Learning-rate schedule over all steps."),
+    click.option("--label-smoothing", type=float, default=0.0, show_default=True),
+    click.option("--amp/--no-amp", default=None, help="Mixed precision. Default: on for CUDA, off on CPU."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--train-samples", type=int, default=None,
+                 help="Train on a deterministic subset of N training images (default: all)."),
+    click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
+)
+
+
+def train_config(opts: dict):
+    from deploycomp.train import TrainConfig
+
+    return TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], optimizer=opts["optimizer"],
+                       lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"],
+                       schedule=opts["schedule"], label_smoothing=opts["label_smoothing"], amp=opts["amp"],
+                       device=opts["device"], seed=opts["seed"], workers=opts["workers"],
+                       train_samples=opts["train_samples"])
+
+
+@click.command()
+@model_options
+@data_options
+@device_option
+@train_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint to write. Default: <model>-trained.pt in the current directory.")
+@click.option("--sparsity", type=float, default=None, metavar="LAMBDA",
+              help="Network slimming: add LAMBDA * sum|gamma| of BatchNorm layers to the loss (e.g. 1e-5, 1e-4).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from its .resume.pt.")
+@json_option
+@pass_options
+def train(opts: dict) -> None:
+    """Train (or continue training) a model on a dataset.
+
+    A zoo name starts from scratch (or from --weights); a checkpoint continues from its weights.
+    The training state is saved after every epoch to OUTPUT.resume.pt, so an interrupted run
+    continues with --resume. Under `torchrun --nproc-per-node N` it trains with DDP.
+
+    \b
+    Example (the shipped baseline):
+      deploycomp train --model light_resnet18 --data fashion-mnist --epochs 6 -o models/light_resnet18_fmnist.pt
+    """
+    from deploycomp.workflows import run_training
+
+    penalties, lineage = [], {}
+    if opts["sparsity"] is not None:
+        from deploycomp.prune.slimming import bn_sparsity_penalty
+
+        penalties.append(bn_sparsity_penalty(opts["sparsity"]))
+        lineage["sparsity"] = opts["sparsity"]
+    record = run_training(opts["model"], train_config(opts), output=opts["output"], data=opts["data"],
+                          data_dir=opts["data_dir"], resume=opts["resume"], penalties=penalties, lineage=lineage,
+                          **model_kwargs(opts))
+    if opts["as_json"]:
+        print_json(record)

@@ -1,0 +1,110 @@
+"""Messages, warnings, tables and progress, all honouring one verbosity level (-q / -v)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+_level = NORMAL
+
+
+def set_verbosity(level: int) -> None:
+    global _level
+    _level = level
+
+
+def verbosity() -> int:
+    return _level
+
+
+def info(message: str) -> None:
+    """A line of normal output (suppressed by -q)."""
+    if _level >= NORMAL:
+        print(message, file=sys.stderr, flush=True)
+
+
+def debug(message: str) -> None:
+    """A line shown only with -v."""
+    if _level >= VERBOSE:
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning; shown even with -q, because it says something about the results."""
+    print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+
+def result(message: str) -> None:
+    """The command's result, on stdout (never suppressed)."""
+    print(message, flush=True)
+
+
+def _rich_console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Print a table of results on stdout."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="left" if c == columns[0] else "right")
+    for r in rows:
+        t.add_row(*[fmt(v) for v in r])
+    _rich_console().print(t)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:,.1f}"
+        if abs(value) >= 1:
+            return f"{value:.3f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def progress(iterable: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+    """Wrap ``iterable`` in a progress bar on stderr (nothing when quiet or not a terminal)."""
+    if _level < NORMAL or not sys.stderr.isatty():
+        yield from iterable
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=_rich_console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total, status="")
+        for item in iterable:
+            yield item
+            bar.advance(task)
+
+
+@contextmanager
+def status_line(description: str):
+    """A spinner for work without a known length; prints the description when not a terminal."""
+    if _level < NORMAL:
+        yield
+        return
+    if not sys.stderr.isatty():
+        info(description)
+        yield
+        return
+    with _rich_console(stderr=True).status(description):
+        yield

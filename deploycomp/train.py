@@ -1,0 +1,362 @@
+"""One ``fit()`` and one ``evaluate()`` for every stage: train, fine-tune after pruning, distill.
+
+``fit`` handles SGD/Adam, schedules, label smoothing, AMP and channels-last on CUDA, progress,
+DistributedDataParallel under ``torchrun``, and resumable state written after every epoch (so Ctrl-C
+or a crash loses at most the epoch in progress). Extra loss terms (distillation, sparsity) come in as
+a ``loss_fn`` and ``penalties``; nothing here knows about them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploycomp import console
+from deploycomp.errors import DeploycompError, UsageError, check
+from deploycomp.files import atomic_path
+from deploycomp.registry import Registry
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # a name in OPTIMIZERS
+    lr: float | None = None  # None: the optimizer's default (SGD 0.1, Adam 1e-3)
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # a name in SCHEDULES
+    label_smoothing: float = 0.0
+    amp: bool | None = None  # None: on for CUDA, off on CPU
+    channels_last: bool | None = None  # None: on for CUDA
+    device: str | None = None  # None: CUDA when present, CPU otherwise
+    seed: int = 0
+    workers: int = 0  # DataLoader worker processes
+    train_samples: int | None = None  # a deterministic subset of the training set (None: all)
+
+    def validate(self) -> None:
+        check(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        check(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
+        check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        check(self.train_samples is None or self.train_samples > 0,
+              f"--train-samples must be positive, got {self.train_samples}")
+        OPTIMIZERS.get(self.optimizer)
+        SCHEDULES.get(self.schedule)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    final: dict[str, float] = field(default_factory=dict)  # evaluate() on the validation set
+    seconds: float = 0.0
+
+
+class TrainingInterrupted(DeploycompError):
+    exit_code = 130
+
+
+# -- registries ------------------------------------------------------------------------------------
+
+OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer")
+SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule")
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(params, cfg: TrainConfig):
+    import torch
+
+    return torch.optim.SGD(params, lr=cfg.lr or 0.1, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.momentum > 0)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(params, cfg: TrainConfig):
+    import torch
+
+    return torch.optim.Adam(params, lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(params, cfg: TrainConfig):
+    import torch
+
+    return torch.optim.AdamW(params, lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay or 0.05)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(opt, total_steps: int):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+
+
+@SCHEDULES.register("step")
+def _step(opt, total_steps: int):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** (3 * s // max(total_steps, 1)))
+
+
+@SCHEDULES.register("constant")
+def _constant(opt, total_steps: int):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+# -- devices and distribution ----------------------------------------------------------------------
+
+
+def resolve_device(device: str | None = None):
+    """``None``/``"auto"``: CUDA when present, else CPU. Asking for CUDA without it is an error."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device) -> tuple[_Dist, Any]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(), device
+    d = _Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def distributed_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+
+def evaluate(model, dataset, batch_size: int = 256, device=None, loss_fn=None, samples: int | None = None,
+             description: str = "eval") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean loss of ``model`` on ``dataset`` (or a DataLoader)."""
+    import torch
+
+    from deploycomp.data import make_loader, subset
+
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else \
+        make_loader(subset(dataset, samples), batch_size)
+    was_training = model.training
+    model.eval().to(device)
+    n = correct1 = correct5 = 0
+    loss_sum = 0.0
+    with torch.inference_mode():
+        for x, y in console.progress(loader, len(loader), description):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            loss = loss_fn(logits, x, y) if loss_fn else torch.nn.functional.cross_entropy(logits, y)
+            loss_sum += float(loss) * len(y)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(dim=1).sum())
+            n += len(y)
+    model.train(was_training)
+    check(n > 0, "the evaluation set is empty")
+    return {"top1_pct": 100.0 * correct1 / n, "top5_pct": 100.0 * correct5 / n, "loss": loss_sum / n, "samples": n}
+
+
+# -- training --------------------------------------------------------------------------------------
+
+LossFn = Callable[[Any, Any, Any], Any]  # (logits, inputs, targets) -> scalar loss
+Penalty = Callable[[Any], Any]  # (model) -> scalar added to the loss (e.g. L1 on BN gammas)
+
+
+def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
+        penalties: Sequence[Penalty] = (), resume_path: str | os.PathLike | None = None, resume: bool = False,
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    """Train ``model`` in place on ``train_set``; evaluate on ``val_set`` after each epoch.
+
+    Args:
+        loss_fn: ``(logits, inputs, targets) -> loss``; cross-entropy with label smoothing by default.
+        penalties: callables ``model -> scalar`` added to the loss (sparsity regularisers).
+        resume_path: where the resumable state is written after every epoch (deleted on success).
+        resume: continue from ``resume_path`` instead of starting over.
+        on_epoch_end: called with ``(epoch, row)`` after each epoch (on the main process).
+    """
+    import torch
+
+    from deploycomp.data import make_loader, subset
+
+    cfg = config or TrainConfig()
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dist, device = _init_distributed(device)
+    use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    check(len(params) > 0, "every parameter is frozen; nothing to train")
+    optimizer = OPTIMIZERS.get(cfg.optimizer)(params, cfg)
+    train_set = subset(train_set, cfg.train_samples, cfg.seed)
+    sampler = None
+    if dist.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_set, dist.world, dist.rank, seed=cfg.seed)
+        loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.workers)
+    else:
+        loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers)
+    steps_per_epoch = len(loader)
+    check(steps_per_epoch > 0, "the training set is empty")
+    scheduler = SCHEDULES.get(cfg.schedule)(optimizer, cfg.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
+    criterion = loss_fn or _cross_entropy(cfg.label_smoothing)
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    result, start_epoch = FitResult(), 0
+    if resume:
+        start_epoch, result.history = _load_resume(resume_path, model, optimizer, scheduler, scaler)
+        console.info(f"resuming from {resume_path} after epoch {start_epoch}/{cfg.epochs}")
+    t0 = time.perf_counter()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # Seeding per epoch makes a resumed run identical to an uninterrupted one.
+            torch.manual_seed(cfg.seed * 100_003 + epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            else:
+                loader.generator.manual_seed(cfg.seed + epoch)
+            row = _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion, penalties, device,
+                                   use_amp, channels_last, f"epoch {epoch + 1}/{cfg.epochs}", dist.main)
+            if val_set is not None and dist.main:
+                val = evaluate(model, val_set, device=device, description="validate")
+                row.update({f"val_{k}": v for k, v in val.items() if k != "samples"})
+            row["epoch"] = epoch + 1
+            row["lr"] = scheduler.get_last_lr()[0]
+            result.history.append(row)
+            if dist.main:
+                console.info(_epoch_line(row, cfg.epochs))
+                if resume_path:
+                    _save_resume(resume_path, model, optimizer, scheduler, scaler, epoch + 1, result.history, cfg)
+                if on_epoch_end:
+                    on_epoch_end(epoch + 1, row)
+    except KeyboardInterrupt:
+        where = f"; rerun with --resume to continue from {resume_path}" if resume_path else ""
+        raise TrainingInterrupted(f"training interrupted during epoch {epoch + 1}{where}") from None
+    finally:
+        if dist.world > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+    result.seconds = time.perf_counter() - t0
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    if val_set is not None and result.history and "val_top1_pct" in result.history[-1]:
+        last = result.history[-1]
+        result.final = {"top1_pct": last["val_top1_pct"], "top5_pct": last["val_top5_pct"], "loss": last["val_loss"]}
+    if resume_path and dist.main and Path(resume_path).exists():
+        Path(resume_path).unlink()
+    return result
+
+
+def _cross_entropy(label_smoothing: float) -> LossFn:
+    import torch.nn.functional as F
+
+    def loss(logits, inputs, targets):
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+    return loss
+
+
+def _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion, penalties, device, use_amp,
+                     channels_last, description, show) -> dict[str, float]:
+    import torch
+
+    net.train()
+    n = correct = 0
+    loss_sum = 0.0
+    batches = console.progress(loader, len(loader), description) if show else loader
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=use_amp):
+            logits = net(x)
+            loss = criterion(logits, x, y)
+            for penalty in penalties:
+                loss = loss + penalty(model)
+        if not torch.isfinite(loss):
+            raise DeploycompError(f"the loss became {float(loss)} during training; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        n += len(y)
+    return {"train_loss": loss_sum / max(n, 1), "train_top1_pct": 100.0 * correct / max(n, 1)}
+
+
+def _epoch_line(row: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}", f"train {row['train_top1_pct']:.2f}%"]
+    if "val_top1_pct" in row:
+        parts += [f"val top-1 {row['val_top1_pct']:.2f}%", f"val loss {row['val_loss']:.4f}"]
+    parts.append(f"lr {row['lr']:.3g}")
+    return "  ".join(parts)
+
+
+def _save_resume(path, model, optimizer, scheduler, scaler, epochs_done, history, cfg) -> None:
+    import torch
+
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "epochs_done": epochs_done, "history": history, "config": asdict(cfg)}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_resume(path, model, optimizer, scheduler, scaler) -> tuple[int, list[dict[str, float]]]:
+    import torch
+
+    if not path or not Path(path).exists():
+        raise UsageError(f"--resume given, but there is no resume state at {path}; run without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["epochs_done"]), list(state["history"])
