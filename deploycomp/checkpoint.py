@@ -154,7 +154,9 @@ def _torch_load_safe(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise _PickledObjects(str(e)) from None
+        if _is_pickle_container(path):  # a real pickle of classes/functions: refused by weights_only
+            raise _PickledObjects(str(e)) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (it does not unpickle)") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None
@@ -162,6 +164,15 @@ def _torch_load_safe(path: Path) -> Any:
 
 class _PickledObjects(Exception):
     pass
+
+
+def _is_pickle_container(path: Path) -> bool:
+    """A torch zip archive or a raw pickle stream (which starts with the PROTO opcode 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,

@@ -115,7 +115,7 @@ def _resolve_weights(name: str, weights: str):
     try:
         w = enum[key] if key != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        valid = ", ".join(["DEFAULT", *enum.__members__])
+        valid = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise UsageError(f"unknown --weights {weights!r} for {name}; valid: {valid}") from None
     _ensure_weights_available(w)
     return w
