@@ -80,6 +80,7 @@ class Checkpoint:
 
     def add_surgery(self, op: str, **record) -> None:
         """Record a structural edit already applied to ``self.model`` (replayed on load)."""
+        _import_surgeries()
         SURGERIES.get(op)  # fail early on an unregistered name
         self.surgeries.append({"op": op, **record})
 
@@ -219,12 +220,16 @@ def _from_payload(payload: dict[str, Any], path: Path) -> Checkpoint:
     return ckpt
 
 
-def replay_surgeries(ckpt: Checkpoint) -> None:
-    """Apply the recorded surgeries of ``ckpt`` to its (freshly built) model, in order."""
+def _import_surgeries() -> None:
     import importlib
 
     for module in SURGERY_MODULES:
         importlib.import_module(module)
+
+
+def replay_surgeries(ckpt: Checkpoint) -> None:
+    """Apply the recorded surgeries of ``ckpt`` to its (freshly built) model, in order."""
+    _import_surgeries()
     for record in ckpt.surgeries:
         fn = SURGERIES.get(record["op"])
         fn(ckpt.model, record, ckpt.example_input())

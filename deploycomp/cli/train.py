@@ -54,6 +54,12 @@ def train_config(opts: dict):
               help="Checkpoint to write. Default: <model>-trained.pt in the current directory.")
 @click.option("--sparsity", type=float, default=None, metavar="LAMBDA",
               help="Network slimming: add LAMBDA * sum|gamma| of BatchNorm layers to the loss (e.g. 1e-5, 1e-4).")
+@click.option("--stochastic-depth", type=float, default=None, metavar="P_L",
+              help="Stochastic depth (Huang et al. 2016): drop residual branches in training, block l of L "
+                   "surviving with p_l = 1 - l/L (1 - P_L), e.g. 0.5; the plain network at inference.")
+@click.option("--freeze", default=None, metavar="PREFIXES",
+              help="Keep the parameters under these module-name prefixes fixed, e.g. stem,layer1 "
+                   "(stem = conv1+bn1 of ResNets); 'none' unfreezes a checkpoint saved frozen.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from its .resume.pt.")
 @json_option
 @pass_options
@@ -76,8 +82,14 @@ def train(opts: dict) -> None:
 
         penalties.append(bn_sparsity_penalty(opts["sparsity"]))
         lineage["sparsity"] = opts["sparsity"]
+    prepare = None
+    if opts["stochastic_depth"] is not None or opts["freeze"] is not None:
+        from deploycomp.distill import training_setup
+
+        prepare, extra = training_setup(opts["stochastic_depth"], opts["freeze"])
+        lineage.update(extra)
     record = run_training(opts["model"], train_config(opts), output=opts["output"], data=opts["data"],
                           data_dir=opts["data_dir"], resume=opts["resume"], penalties=penalties, lineage=lineage,
-                          **model_kwargs(opts))
+                          prepare=prepare, **model_kwargs(opts))
     if opts["as_json"]:
         print_json(record)

@@ -1,0 +1,79 @@
+"""deploycomp bench: latency, throughput and memory of checkpoints, ONNX files and TensorRT engines."""
+
+from __future__ import annotations
+
+import click
+
+from deploycomp.cli.options import device_option, pass_options
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    from deploycomp.errors import UsageError
+
+    try:
+        values = tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        values = ()
+    if not values or min(values) <= 0:
+        raise UsageError(f"--batch must be positive integers separated by commas, e.g. 1,8,32; got {text!r}")
+    return values
+
+
+@click.command()
+@click.argument("artifacts", nargs=-1, metavar="[ARTIFACT]...")
+@click.option("--backend", default="auto", show_default=True, metavar="auto|torch|torch-compile|ort|trt",
+              help="auto: checkpoints and zoo names -> torch, .onnx -> ort, .engine/.trt/.plan -> trt.")
+@device_option
+@click.option("--provider", default=None, metavar="cpu|cuda|tensorrt",
+              help="ONNX Runtime execution provider. Default: follows --device.")
+@click.option("--batch", "batch", default="1", show_default=True, metavar="N[,N...]",
+              help="Batch size(s), e.g. 1,8,32.")
+@click.option("--warmup", type=int, default=None, metavar="N", help="Warmup iterations (default 5).")
+@click.option("--warmup-ms", type=float, default=None, metavar="MS",
+              help="Minimum warmup time in ms (default 200); with --warmup, both must be reached.")
+@click.option("--iters", type=int, default=None, metavar="N",
+              help="Timed iterations. Alone: exactly N; with --duration-s: at least N.")
+@click.option("--duration-s", type=float, default=None, metavar="S",
+              help="Minimum timed duration in seconds. Default (neither given): >= 10 iterations and >= 1 s.")
+@click.option("--threads", type=int, default=None, metavar="N",
+              help="Intra-op threads (torch.set_num_threads / ORT intra_op_num_threads).")
+@click.option("--io", type=click.Choice(["device", "host"]), default="device", show_default=True,
+              help="device: inputs already on the device; host: also time host<->device copies, separately.")
+@click.option("--cuda-graph", is_flag=True,
+              help="Replay a captured CUDA graph: torch on CUDA, or the ORT CUDA EP (enable_cuda_graph).")
+@click.option("--memory", is_flag=True,
+              help="Measure memory (peak RSS, torch/TensorRT/NVML GPU memory); each run in a fresh process.")
+@click.option("--input-size", default=None, metavar="HxW", help="Input size for zoo models and checkpoints.")
+@click.option("--json", "json_file", default=None, metavar="FILE", help="Write results as JSON ('-': stdout).")
+@click.option("--csv", "csv_file", default=None, metavar="FILE", help="Write results as CSV ('-': stdout).")
+@pass_options
+def bench(opts: dict) -> None:
+    """Time models properly: warmup, synchronised iterations, statistics, environment.
+
+    ARTIFACT is a checkpoint, a zoo model name, an .onnx file or a TensorRT engine (default: the shipped
+    baseline). Several artifacts give a comparison against the first: speed-up of the median latency and,
+    when MACs are known for both, speed-up efficiency = speed-up / MACs reduction. Latency excludes
+    host<->device copies unless --io host (which times them separately).
+    """
+    from deploycomp import console
+    from deploycomp.bench import BenchConfig, benchmark, describe_environment, tables, write_csv, write_json
+    from deploycomp.info import parse_size
+
+    config = BenchConfig(backend=opts["backend"], device=opts["device"], provider=opts["provider"],
+                         batches=_batches(opts["batch"]), warmup=opts["warmup"], warmup_ms=opts["warmup_ms"],
+                         iters=opts["iters"], duration_s=opts["duration_s"], threads=opts["threads"], io=opts["io"],
+                         cuda_graph=opts["cuda_graph"], memory=opts["memory"],
+                         input_size=parse_size(opts["input_size"]))
+    results = benchmark(list(opts["artifacts"]) or None, config)
+    if opts["json_file"]:
+        write_json(opts["json_file"], results)
+    if opts["csv_file"]:
+        write_csv(opts["csv_file"], results)
+    if "-" in (opts["json_file"], opts["csv_file"]):
+        return
+    for title, cols, rows in tables(results, with_memory=config.memory):
+        console.table(title, cols, rows)
+    console.info(describe_environment(results))
+    if config.io == "host":
+        console.table("host <-> device copies (ms, median)", ["model", "batch", "H2D", "D2H"],
+                      [[r["label"], r["batch"], r["h2d_ms"]["median"], r["d2h_ms"]["median"]] for r in results])
