@@ -1,0 +1,77 @@
+"""deploycomp export: a model or checkpoint to ONNX, checked against PyTorch before it is kept."""
+
+from __future__ import annotations
+
+import click
+
+from deploycomp.cli.options import (
+    data_options,
+    json_option,
+    model_kwargs,
+    model_options,
+    pass_options,
+    positive_int,
+    print_json,
+)
+
+
+@click.command()
+@model_options
+@data_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file to write. Default: <model>.onnx in the current directory.")
+@click.option("--opset", type=int, default=None, help="ONNX opset. Default: 17 (torchscript exporter).")
+@click.option("--batch", type=int, default=None, callback=positive_int("--batch"),
+              help="Fixed batch size of the exported input. Default: 1.")
+@click.option("--dynamic-batch", is_flag=True, help="Make the batch axis dynamic (any batch size at run time).")
+@click.option("--input-size", default=None, metavar="HxW", help="Input height x width. Default: the model's.")
+@click.option("--simplify/--no-simplify", default=True, show_default=True, help="Simplify the graph with onnxslim.")
+@click.option("--atol", type=float, default=None,
+              help="Parity passes when max |ONNX Runtime - PyTorch| <= atol + rtol * max |logit|. Default: 1e-4.")
+@click.option("--rtol", type=float, default=None, help="See --atol. Default: 1e-3.")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default=None,
+              help="torch exporter. Default: torchscript; dynamo needs onnxscript and opset >= 18.")
+@json_option
+@pass_options
+def export(opts: dict) -> None:
+    """Export a model to ONNX, then check it: ONNX checker and ONNX Runtime vs PyTorch parity.
+
+    Parity runs on random inputs and on real images of the model's dataset; it prints the max
+    absolute difference and the top-1 agreement. Above tolerance the command fails and the file is
+    kept only as MODEL.FAILED-parity.onnx. A JSON sidecar (MODEL.onnx.json) records input name and
+    shape, normalisation, class names, opset, the source checkpoint and its hash.
+
+    \b
+    Examples:
+      deploycomp export -o baseline.onnx
+      deploycomp export --model pruned.pt --dynamic-batch -o pruned.onnx
+    """
+    from pathlib import Path
+
+    from deploycomp import console
+    from deploycomp.errors import check
+    from deploycomp.export import export_onnx, resolve_exporter
+    from deploycomp.info import parse_size
+    from deploycomp.inputs import load_inputs
+
+    check(not (opts["dynamic_batch"] and opts["batch"]), "--batch and --dynamic-batch exclude each other")
+    resolve_exporter(opts["exporter"], opts["opset"])  # a bad --opset fails before the model is loaded
+    size = parse_size(opts["input_size"])
+    ckpt, data = load_inputs(opts["model"], data=opts["data"], data_dir=opts["data_dir"], need_train=False,
+                             input_size=size, **model_kwargs(opts))
+    output = Path(opts["output"] or f"{ckpt.name}.onnx")
+    record = export_onnx(ckpt, output, opset=opts["opset"], batch=opts["batch"] or 1,
+                         dynamic_batch=opts["dynamic_batch"], simplify=opts["simplify"], data=data.info.name,
+                         data_dir=opts["data_dir"], atol=opts["atol"], rtol=opts["rtol"], exporter=opts["exporter"],
+                         dataset=data.test)
+    if opts["as_json"]:
+        print_json(record)
+        return
+    p = record["parity"]
+    console.result(f"wrote {output} ({record['size_mib']:.2f} MiB, opset {record['opset']}, input "
+                   f"{record['input_name']} {_shape(record['input_shape'])}): max |diff| {p['max_abs_diff']:.2e}, "
+                   f"top-1 agreement {p['top1_agreement_pct']:.1f}% over {p['samples']} inputs")
+
+
+def _shape(shape) -> str:
+    return "x".join("N" if d is None else str(d) for d in shape)
