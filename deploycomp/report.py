@@ -1,0 +1,457 @@
+"""Reports of a pipeline run: Markdown / CSV / JSON tables and PNG plots, rebuilt from the JSON records.
+
+Everything here reads only ``RUN_DIR/run.json`` and the ``record.json`` of each stage, so a report
+can be regenerated (or restyled) at any time without touching a model. Per study there are two tables:
+
+* the comparison, one row per variant (the original first): top-1, change against the original,
+  accuracy retained, size on disk and its reduction, parameters, MACs and their reduction, and the
+  headline latency (median, p99, backend, batch, precision) with throughput and speed-up;
+* deployment, one row per artifact x backend x batch: the latency of every measurement.
+
+Plots (PNG, one set per study): accuracy vs MACs, accuracy vs latency, latency vs batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploycomp.errors import InputFileError
+from deploycomp.files import atomic_path, read_json, write_json
+
+FORMATS = ("md", "csv", "json")
+
+# (key, Markdown/CSV header, format) of the comparison table, in order.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("variant", "variant", "s"),
+    ("method", "method", "s"),
+    ("top1_pct", "top-1 %", ".2f"),
+    ("top1_change_pts", "Δ top-1 (pts)", "+.2f"),
+    ("accuracy_retained_pct", "retained %", ".1f"),
+    ("top1_before_finetune_pct", "top-1 before FT %", ".2f"),
+    ("size_mib", "size MiB", ".2f"),
+    ("size_reduction_pct", "size red. %", ".1f"),
+    ("params_m", "params M", ".3f"),
+    ("macs_m", "MMACs", ".1f"),
+    ("macs_reduction_pct", "MACs red. %", ".1f"),
+    ("latency_median_ms", "median ms", ".3f"),
+    ("latency_p99_ms", "p99 ms", ".3f"),
+    ("backend", "backend", "s"),
+    ("precision", "precision", "s"),
+    ("batch", "batch", "d"),
+    ("throughput_ips", "img/s", ".0f"),
+    ("speedup", "speed-up", ".2f"),
+)
+
+LATENCY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("variant", "variant", "s"),
+    ("precision", "precision", "s"),
+    ("format", "format", "s"),
+    ("backend", "backend", "s"),
+    ("batch", "batch", "d"),
+    ("top1_pct", "top-1 %", ".2f"),
+    ("size_mib", "size MiB", ".2f"),
+    ("latency_median_ms", "median ms", ".3f"),
+    ("latency_p99_ms", "p99 ms", ".3f"),
+    ("latency_cov_pct", "CoV %", ".1f"),
+    ("throughput_ips", "img/s", ".0f"),
+    ("speedup", "speed-up", ".2f"),
+)
+
+FORMAT_OF_STAGE = {"export": "onnx", "quantize": "onnx", "build": "engine"}
+
+
+@dataclass
+class StudyReport:
+    name: str
+    description: str
+    scale: str
+    dataset: str | None
+    synthetic: bool
+    eval_samples: int | None
+    rows: list[dict[str, Any]]
+    latency_rows: list[dict[str, Any]]
+    headline: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    model: str | None = None  # the original model: the checkpoint file or zoo name the run started from
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a run
+
+
+def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise InputFileError(f"{run_dir} is not a pipeline run (no run.json); run `deploycomp pipeline -o "
+                             f"{run_dir}` first")
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != "deploycomp.pipeline":
+        raise InputFileError(f"{path} is not a deploycomp pipeline run record")
+    return doc
+
+
+def _records(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """stage id -> the stage's record (only stages that finished)."""
+    out = {}
+    stages = run_dir / "stages"
+    if stages.is_dir():
+        for d in stages.iterdir():
+            rec = d / "record.json"
+            if rec.exists():
+                out[d.name] = read_json(rec)
+    return out
+
+
+def _get(d: dict | None, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def study_reports(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[StudyReport]]:
+    """The run document and one :class:`StudyReport` per study, computed from the records."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    records = _records(run_dir)
+    return run, [_study(s, records) for s in run.get("studies", [])]
+
+
+def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
+    def rec(stage_id):
+        return (records.get(stage_id) or {}).get("record") if stage_id else None
+
+    head = dict(study.get("report") or {})
+    backends = list(_get(study, "bench", "backends") or ["torch", "ort"])
+    batches = list(_get(study, "bench", "batches") or [1])
+    head.setdefault("backend", backends[0])
+    head.setdefault("precision", "fp32")
+    head.setdefault("batch", batches[0])
+
+    latency_rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    dataset, synthetic, eval_samples = None, False, None
+    notes = list(study.get("notes") or [])
+    for b in study.get("branches", []):
+        ev = rec(b.get("evaluate"))
+        prune = next((rec(s) for s in reversed(b.get("steps", [])) if s.startswith("prune-") and rec(s)), None)
+        quant = {p: rec(s) for p, s in (b.get("quantize") or {}).items()}
+        if ev:
+            dataset = ev.get("dataset", dataset)
+            synthetic = synthetic or bool(ev.get("synthetic"))
+            eval_samples = _get(ev, "test", "samples", default=eval_samples)
+        row: dict[str, Any] = {
+            "variant": b["name"], "method": b.get("description", ""),
+            "top1_pct": _get(ev, "test", "top1_pct"),
+            "top1_before_finetune_pct": _get(prune, "accuracy", "after_pruning", "top1_pct")
+            if prune and _get(prune, "params", "finetune") is not None else None,
+            "size_mib": _get(ev, "checkpoint_size_mib"),
+            "params_m": ev["params_total"] / 1e6 if ev and ev.get("params_total") is not None else None,
+            "macs_m": ev["macs"] / 1e6 if ev and ev.get("macs") is not None else None,
+            "complete": ev is not None,
+        }
+        for item in b.get("bench", []):
+            bench = rec(item["stage"])
+            if not bench:
+                continue
+            stage_kind = item.get("source", "load")
+            artifact_size = None
+            top1 = None
+            if stage_kind == "export":
+                artifact_size = _get(rec(b.get("export")), "size_mib")
+                top1 = next((_get(q, "accuracy", "fp32_top1_pct") for q in quant.values() if q), None)
+            elif stage_kind == "quantize":
+                q = quant.get(item["precision"])
+                artifact_size, top1 = _get(q, "size_mib"), _get(q, "accuracy", "top1_pct")
+            elif stage_kind == "build":
+                artifact_size = _get(rec((b.get("build") or {}).get(item["precision"])), "size_mib")
+            else:
+                artifact_size, top1 = row["size_mib"], row["top1_pct"]
+            for r in bench.get("results", []):
+                lat = r.get("latency_ms") or {}
+                latency_rows.append({
+                    "variant": b["name"], "precision": r.get("precision") or item["precision"],
+                    "format": FORMAT_OF_STAGE.get(stage_kind, "pt"), "backend": r.get("backend", item["backend"]),
+                    "batch": r.get("batch"), "top1_pct": top1, "size_mib": artifact_size,
+                    "latency_median_ms": lat.get("median"), "latency_p99_ms": lat.get("p99"),
+                    "latency_cov_pct": lat.get("cov_pct"), "throughput_ips": r.get("throughput_ips"),
+                    "threads": r.get("threads"), "device": r.get("device"), "warnings": r.get("warnings") or [],
+                    "environment": r.get("environment") or {}})
+        rows.append(row)
+
+    _relative_to_original(rows, latency_rows)
+    for row in rows:
+        hit = next((r for r in latency_rows if r["variant"] == row["variant"] and r["backend"] == head["backend"]
+                    and r["precision"] == head["precision"] and r["batch"] == head["batch"]), None)
+        row.update({"latency_median_ms": _get(hit, "latency_median_ms"), "latency_p99_ms": _get(hit, "latency_p99_ms"),
+                    "backend": head["backend"] if hit else None, "precision": head["precision"] if hit else None,
+                    "batch": head["batch"] if hit else None, "throughput_ips": _get(hit, "throughput_ips"),
+                    "speedup": _get(hit, "speedup")})
+    if any(not r["complete"] for r in rows):
+        notes.append("rows marked incomplete come from a run that has not finished all its stages")
+    root = rec(study.get("root")) or {}
+    model = f"{root['model']} ({root.get('arch')})" if root.get("model") else study.get("model")
+    return StudyReport(study["name"], study.get("description", ""), study.get("scale", ""), dataset, synthetic,
+                       eval_samples, rows, latency_rows, head, notes, model)
+
+
+def _ratio_pct(value, ref) -> float | None:
+    if value is None or not ref:
+        return None
+    return 100.0 * value / ref
+
+
+def _relative_to_original(rows: list[dict], latency_rows: list[dict]) -> None:
+    """Change, retention and reductions against the first row (the original)."""
+    if not rows:
+        return
+    o = rows[0]
+    for r in rows:
+        r["top1_change_pts"] = r["top1_pct"] - o["top1_pct"] if None not in (r["top1_pct"], o["top1_pct"]) else None
+        r["accuracy_retained_pct"] = _ratio_pct(r["top1_pct"], o["top1_pct"])
+        r["size_reduction_pct"] = 100.0 - _ratio_pct(r["size_mib"], o["size_mib"]) \
+            if _ratio_pct(r["size_mib"], o["size_mib"]) is not None else None
+        r["macs_reduction_pct"] = 100.0 - _ratio_pct(r["macs_m"], o["macs_m"]) \
+            if _ratio_pct(r["macs_m"], o["macs_m"]) is not None else None
+    refs = {(x["precision"], x["format"], x["backend"], x["batch"]): x for x in latency_rows
+            if x["variant"] == o["variant"]}
+    for x in latency_rows:
+        ref = refs.get((x["precision"], x["format"], x["backend"], x["batch"]))
+        x["speedup"] = ref["latency_median_ms"] / x["latency_median_ms"] \
+            if ref and ref.get("latency_median_ms") and x.get("latency_median_ms") else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec == "s":
+        return str(value)
+    if spec == "d":
+        return f"{int(value)}"
+    return format(float(value), spec)
+
+
+def _md_table(columns, rows: Sequence[dict]) -> str:
+    cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    align = "|" + "|".join("---" if spec == "s" else "---:" for _, _, spec in cols) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k), spec).replace("|", "\\|") for k, _, spec in cols) + " |" for r in rows]
+    return "\n".join([head, align, *body])
+
+
+def environment_line(run: dict[str, Any]) -> str:
+    e = run.get("environment") or {}
+    return (f"{e.get('cpu_model') or e.get('device_name') or 'unknown CPU'} ({e.get('cpus_usable')} usable of "
+            f"{e.get('cpu_count')} CPUs), {e.get('os')}, {e.get('machine')}, Python {e.get('python')}")
+
+
+def versions_line(run: dict[str, Any]) -> str:
+    v = {"deploycomp": run.get("deploycomp"), **(run.get("versions") or {})}
+    return ", ".join(f"{k} {val}" if val else f"{k} not installed" for k, val in v.items())
+
+
+def markdown(run: dict[str, Any], studies: list[StudyReport], plots: dict[str, list[str]] | None = None) -> str:
+    lines = [f"# deploycomp pipeline: {run.get('name')}", ""]
+    if run.get("description"):
+        lines += [run["description"].strip(), ""]
+    wall = run.get("wall_s")
+    lines += [
+        f"- recipe: `{run.get('recipe')}` (sha256 {str(run.get('recipe_sha256'))[:12]})",
+        f"- machine: {environment_line(run)}",
+        f"- versions: {versions_line(run)}",
+        "- TensorRT: " + ("available" if run.get("tensorrt_available")
+                          else "not installed here: no engines were built and the trt backend was not measured"),
+        f"- run status: {run.get('status')} at {run.get('finished_utc')}; wall time of the last invocation "
+        f"{'-' if wall is None else f'{wall:.0f} s'} ({run.get('stages_run', 0)} stages run, "
+        f"{run.get('stages_cached', 0)} reused from earlier runs)",
+        "",
+    ]
+    for s in studies:
+        if len(studies) > 1 or s.name != run.get("name"):
+            lines += [f"## {s.name}", ""]
+        if s.description and s.description != run.get("description"):
+            lines += [s.description.strip(), ""]
+        facts = [f"dataset: {s.dataset or '-'}" + (f", top-1 on {s.eval_samples:,} test images" if s.eval_samples
+                                                    else "")]
+        if s.model:
+            facts.insert(0, f"original model: {s.model}")
+        if s.scale:
+            facts.append(f"scale: {s.scale.strip()}")
+        lines += [f"- {f}" for f in facts]
+        if s.synthetic:
+            lines += ["- **synthetic data**: the accuracies below are on seeded random tensors and mean nothing; "
+                      "only size, MACs and latency are informative"]
+        h = s.headline
+        lines += [f"- latency columns: {h['backend']} backend, {h['precision']}, batch {h['batch']} "
+                  "(median and p99 of the timed iterations after warmup; speed-up against the original's median)",
+                  ""]
+        lines += [_md_table(COLUMNS, s.rows), ""]
+        if s.latency_rows:
+            lines += ["### Every measurement", "", _md_table(LATENCY_COLUMNS, s.latency_rows), ""]
+            env = s.latency_rows[0]
+            lines += [f"Latency: {env.get('device')}, {env.get('threads') or 'default'} threads; "
+                      "size is the file on disk (checkpoint, ONNX or engine).", ""]
+            noisy = sorted({r["variant"] for r in s.latency_rows if r["warnings"]})
+            if noisy:
+                lines += [f"Timing warnings (CoV > 2.5 % or similar; the machine was shared) for: "
+                          f"{', '.join(noisy)}; see the stage records.", ""]
+        for n in s.notes:
+            lines += [f"Note: {n}", ""]
+        for p in (plots or {}).get(s.name, []):
+            lines += [f"![{Path(p).stem}]({p})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def csv_text(studies: list[StudyReport], latency: bool = False) -> str:
+    columns = LATENCY_COLUMNS if latency else COLUMNS
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["study", *(k for k, _, _ in columns)])
+    for s in studies:
+        for r in (s.latency_rows if latency else s.rows):
+            w.writerow([s.name, *("" if r.get(k) is None else r.get(k) for k, _, _ in columns)])
+    return buf.getvalue()
+
+
+def json_doc(run: dict[str, Any], studies: list[StudyReport]) -> dict[str, Any]:
+    keep = ("name", "description", "recipe", "recipe_sha256", "status", "wall_s", "finished_utc", "deploycomp",
+            "versions", "environment", "tensorrt_available", "stages_run", "stages_cached")
+    return {"schema": "deploycomp.report", "schema_version": 1, **{k: run.get(k) for k in keep},
+            "studies": [{"name": s.name, "model": s.model, "description": s.description, "scale": s.scale,
+                         "dataset": s.dataset, "synthetic": s.synthetic, "eval_samples": s.eval_samples,
+                         "headline": s.headline, "notes": s.notes, "rows": s.rows,
+                         "latency": [{k: v for k, v in r.items() if k != "environment"} for r in s.latency_rows]}
+                        for s in studies]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _label_points(ax, xs, ys, names) -> None:
+    for x, y, n in zip(xs, ys, names, strict=True):
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+
+
+def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
+    """accuracy_vs_macs.png, accuracy_vs_latency.png, latency_vs_batch.png (those with data to show)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    acc_label = f"top-1 accuracy (%) on {s.dataset or 'the test set'}" + (" [synthetic: meaningless]"
+                                                                          if s.synthetic else "")
+
+    def save(fig, name):
+        path = out_dir / f"{prefix}{name}.png"
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        written.append(path)
+
+    pts = [r for r in s.rows if r.get("macs_m") is not None and r.get("top1_pct") is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.scatter([r["macs_m"] for r in pts[1:]], [r["top1_pct"] for r in pts[1:]], label="variants")
+        ax.scatter([pts[0]["macs_m"]], [pts[0]["top1_pct"]], marker="*", s=160, color="black", label=pts[0]["variant"])
+        _label_points(ax, [r["macs_m"] for r in pts], [r["top1_pct"] for r in pts], [r["variant"] for r in pts])
+        ax.set_xlabel("MACs per image (millions; FLOPs = 2 x MACs)")
+        ax.set_ylabel(acc_label)
+        ax.set_title(f"{s.name}: accuracy vs MACs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "accuracy_vs_macs")
+
+    batch = s.headline["batch"]
+    lat = [r for r in s.latency_rows if r["batch"] == batch and r.get("top1_pct") is not None
+           and r.get("latency_median_ms") is not None]
+    if lat:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        series = sorted({(r["backend"], r["precision"], r["format"]) for r in lat})
+        for key in series:
+            rs = [r for r in lat if (r["backend"], r["precision"], r["format"]) == key]
+            ax.scatter([r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
+                       label=f"{key[0]} {key[1]} ({key[2]})")
+            _label_points(ax, [r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
+                          [r["variant"] for r in rs])
+        ax.set_xlabel(f"median latency (ms) at batch {batch}, {lat[0].get('device')}")
+        ax.set_ylabel(acc_label)
+        ax.set_title(f"{s.name}: accuracy vs latency")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "accuracy_vs_latency")
+
+    combos = sorted({(r["backend"], r["precision"], r["format"]) for r in s.latency_rows})
+    if combos and len({r["batch"] for r in s.latency_rows}) > 1:
+        fig, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 4.2), squeeze=False)
+        for ax, key in zip(axes[0], combos, strict=True):
+            for variant in dict.fromkeys(r["variant"] for r in s.latency_rows):
+                rs = sorted((r for r in s.latency_rows if r["variant"] == variant
+                             and (r["backend"], r["precision"], r["format"]) == key), key=lambda r: r["batch"])
+                if rs:
+                    ax.plot([r["batch"] for r in rs], [r["latency_median_ms"] for r in rs], marker="o", label=variant)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size (images)")
+            ax.set_ylabel("median latency per batch (ms)")
+            ax.set_title(f"{key[0]} {key[1]} ({key[2]})", fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{s.name}: latency vs batch")
+        save(fig, "latency_vs_batch")
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(run_dir: str | os.PathLike, formats: Sequence[str] = ("md",), plots: bool = True) -> dict[str, Any]:
+    """Write ``report.<fmt>`` (and the plots under ``plots/``) into ``run_dir``; returns what was written."""
+    run_dir = Path(run_dir)
+    run, studies = study_reports(run_dir)
+    written: dict[str, Any] = {"files": [], "plots": {}, "studies": studies, "run": run}
+    plot_paths: dict[str, list[str]] = {}
+    if plots:
+        for s in studies:
+            prefix = f"{s.name}-" if len(studies) > 1 else ""
+            paths = plot_study(s, run_dir / "plots", prefix)
+            plot_paths[s.name] = [str(p.relative_to(run_dir)) for p in paths]
+    written["plots"] = plot_paths
+    for f in formats:
+        if f == "md":
+            path = run_dir / "report.md"
+            with atomic_path(path) as tmp:
+                tmp.write_text(markdown(run, studies, plot_paths))
+            written["files"].append(path)
+        elif f == "csv":
+            for name, latency in (("report.csv", False), ("report-latency.csv", True)):
+                with atomic_path(run_dir / name) as tmp:
+                    tmp.write_text(csv_text(studies, latency))
+                written["files"].append(run_dir / name)
+        elif f == "json":
+            written["files"].append(write_json(run_dir / "report.json", json_doc(run, studies)))
+    return written
+
+
+def summary_rows(s: StudyReport) -> tuple[list[str], list[list[Any]]]:
+    """A narrow version of the comparison table for the terminal."""
+    keys = ("variant", "top1_pct", "top1_change_pts", "size_mib", "macs_m", "latency_median_ms", "latency_p99_ms",
+            "speedup")
+    heads = ["variant", "top-1 %", "Δ pts", "MiB", "MMACs", "median ms", "p99 ms", "speed-up"]
+    specs = dict((k, spec) for k, _, spec in COLUMNS)
+    return heads, [[fmt(r.get(k), specs[k]) for k in keys] for r in s.rows]

@@ -1,0 +1,151 @@
+"""deploycomp pipeline: recipe validation (one-line errors before any work), caching, --force, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_one_line_error
+
+# A recipe that names a zoo model, so validation needs neither the baseline nor any data.
+VALID = """
+name: t
+model: light_resnet18
+data: {name: synthetic, eval_samples: 32, eval_batch: 32}
+variants:
+  - name: mag50
+    prune: {method: magnitude, ratio: 0.5, finetune: {epochs: 1, train_samples: 32, batch_size: 32}}
+export: {simplify: false}
+quantize: {precisions: [int8], calib_samples: 8, calib_batch: 8}
+bench: {backends: [torch, ort], batches: [1], iters: 2, warmup: 0, warmup_ms: 0, threads: 1}
+"""
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("old, new, fragments", [
+    ("ratio: 0.5", "ratoi: 0.5", ["variants[0].prune.ratoi", "unknown key", "did you mean 'ratio'"]),
+    ("ratio: 0.5", "ratio: high", ["variants[0].prune.ratio", "expected", "number", "'high'"]),
+    ("ratio: 0.5", "ratio: 1.5", ["variants[0].prune.ratio", "(0, 1)", "1.5"]),
+    ("method: magnitude", "method: magnitud", ["variants[0].prune.method", "did you mean 'magnitude'"]),
+    ("train_samples: 32", "train_samples: -5", ["variants[0].prune.finetune.train_samples", "positive"]),
+    ("batches: [1]", "batches: [1, x]", ["bench.batches[1]", "expected an integer", "'x'"]),
+    ("backends: [torch, ort]", "backends: [torch, tort]", ["bench.backends[1]", "did you mean", "Valid"]),
+    ("precisions: [int8]", "precisions: [int4]", ["quantize.precisions[0]", "int4"]),
+    ("name: synthetic", "name: synthetik", ["data.name", "did you mean 'synthetic'"]),
+    ("export: {", "exprot: {", ["exprot", "unknown key", "did you mean 'export'"]),
+    ("model: light_resnet18", "model: light_resnet81", ["model", "did you mean 'light_resnet18'"]),
+    ("  - name: mag50\n", "  - description: x\n", ["variants[0].name", "required"]),
+])
+def test_recipe_errors_are_one_line_with_file_and_key(cli, tmp_path, old, new, fragments):
+    assert old in VALID
+    recipe = write(tmp_path / "bad.yaml", VALID.replace(old, new, 1))
+    result = cli("pipeline", recipe, "-o", tmp_path / "run", ok=False)
+    assert_one_line_error(result, "bad.yaml", *fragments)
+    assert not (tmp_path / "run").exists()  # rejected before any work
+
+
+def test_recipe_file_problems(cli, tmp_path):
+    assert_one_line_error(cli("pipeline", tmp_path / "nope.yaml", ok=False), "nope.yaml", "does not exist")
+    bad = write(tmp_path / "broken.yaml", "variants: [\n  - name: x\n")
+    assert_one_line_error(cli("pipeline", bad, ok=False), "broken.yaml", "not valid YAML")
+    twice = write(tmp_path / "twice.yaml", VALID.replace(
+        "export: {", "  - name: mag50\n    prune: {method: random, ratio: 0.2}\nexport: {"))
+    assert_one_line_error(cli("pipeline", twice, ok=False), "variants[1].name", "used twice")
+
+
+def test_shipped_recipes_validate():
+    import yaml
+
+    from deploycomp.pipeline import RECIPES_DIR, Study, _check_mapping, recipe_section
+
+    names = sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+    assert {"default.yaml", "ts3.yaml", "kd.yaml", "slimming.yaml", "relevance.yaml"} <= set(names)
+    for p in RECIPES_DIR.glob("*.yaml"):  # the schema (values that need the baseline are checked when run)
+        top = _check_mapping(yaml.safe_load(p.read_text()), recipe_section(), "", str(p))
+        assert top.get("description"), p
+        assert isinstance(Study("x", top, str(p), ""), Study)
+
+
+def test_keys_come_from_the_libraries():
+    from dataclasses import fields
+
+    from deploycomp.pipeline import _prune_section, _train_section
+    from deploycomp.prune import PruneConfig
+    from deploycomp.train import TrainConfig
+
+    assert {f.name for f in fields(PruneConfig)} - {"device", "eval_samples", "eval_batch"} <= set(
+        _prune_section().fields)
+    assert {f.name for f in fields(TrainConfig)} - {"device"} <= set(_train_section().fields)
+
+
+def _run_doc(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def test_pipeline_runs_caches_and_forces(cli, tmp_path, one_thread):
+    recipe = write(tmp_path / "tiny.yaml", VALID)
+    run_dir = tmp_path / "run"
+    first = cli("-q", "pipeline", recipe, "-o", run_dir)
+    doc = _run_doc(run_dir)
+    n = len(doc["log"])
+    # original: load, evaluate, export, quantize, 3 benches; the variant: prune + the same 6
+    assert n == 14 and doc["stages_run"] == n and doc["stages_cached"] == 0 and doc["status"] == "finished"
+    assert "mag50" in first.output and "original" in first.output
+    records = sorted((run_dir / "stages").glob("*/record.json"))
+    assert len(records) == n
+    stamps = {p: p.stat().st_mtime_ns for p in records}
+
+    md = (run_dir / "report.md").read_text()
+    assert "synthetic data" in md and "TensorRT" in md
+    rows = json.loads((run_dir / "report.json").read_text())["studies"][0]["rows"]
+    assert [r["variant"] for r in rows] == ["original", "mag50"]
+    assert rows[1]["macs_reduction_pct"] > 30 and rows[0]["top1_change_pts"] == 0
+    assert rows[1]["latency_median_ms"] > 0 and rows[1]["backend"] == "torch"
+    for png in (run_dir / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((run_dir / "plots").glob("*.png"))) == 2  # one batch size: no latency-vs-batch plot
+
+    cli("-q", "pipeline", recipe, "-o", run_dir)  # everything is cached
+    doc = _run_doc(run_dir)
+    assert doc["stages_run"] == 0 and doc["stages_cached"] == n
+    assert all(e["status"] == "cached" for e in doc["log"])
+    assert {p: p.stat().st_mtime_ns for p in records} == stamps
+
+    bench = next(p for p in records if p.parent.name.startswith("bench-"))
+    bench.unlink()  # as if interrupted before that stage finished
+    cli("-q", "pipeline", recipe, "-o", run_dir)
+    doc = _run_doc(run_dir)
+    assert doc["stages_run"] == 1 and [e["stage"] for e in doc["log"] if e["status"] == "ran"] == [bench.parent.name]
+
+    write(recipe, recipe.read_text().replace("iters: 2", "iters: 3"))  # only the benchmarks depend on it
+    cli("-q", "pipeline", recipe, "-o", run_dir, "--no-plots")
+    doc = _run_doc(run_dir)
+    assert [e["stage"].split("-")[0] for e in doc["log"] if e["status"] == "ran"] == ["bench"] * 6
+
+    cli("-q", "pipeline", recipe, "-o", run_dir, "--force", "--no-plots")
+    doc = _run_doc(run_dir)
+    assert doc["stages_run"] == n and doc["force"] is True
+
+
+def test_refuses_a_directory_that_is_not_a_run(cli, tmp_path):
+    recipe = write(tmp_path / "tiny.yaml", VALID)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    assert_one_line_error(cli("pipeline", recipe, "-o", tmp_path / "busy", ok=False), "not empty")

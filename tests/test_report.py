@@ -1,0 +1,104 @@
+"""deploycomp report: tables and plots rebuilt from hand-made JSON records (exact values)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from tests.conftest import assert_one_line_error
+
+
+def _bench(batch: int, median: float, p99: float, ips: float, backend: str = "ort", precision: str = "fp32"):
+    return {"batch": batch, "backend": backend, "precision": precision, "device": "cpu", "threads": 1,
+            "latency_ms": {"median": median, "p99": p99, "cov_pct": 1.0}, "throughput_ips": ips, "warnings": []}
+
+
+def make_run(root: Path) -> Path:
+    """Two branches (original, pruned), each with evaluate, export, int8 and ORT benches at batch 1 and 8."""
+    stages = {
+        "evaluate-o": {"test": {"top1_pct": 90.0, "samples": 1000}, "dataset": "fashion-mnist", "synthetic": False,
+                       "checkpoint_size_mib": 10.0, "params_total": 2_000_000, "macs": 40_000_000},
+        "evaluate-p": {"test": {"top1_pct": 88.2, "samples": 1000}, "dataset": "fashion-mnist", "synthetic": False,
+                       "checkpoint_size_mib": 4.0, "params_total": 800_000, "macs": 10_000_000},
+        "prune-p": {"accuracy": {"after_pruning": {"top1_pct": 50.0}}, "params": {"finetune": {"epochs": 1}}},
+        "export-o": {"size_mib": 9.9}, "export-p": {"size_mib": 3.9},
+        "quantize-o": {"size_mib": 2.5, "accuracy": {"fp32_top1_pct": 90.0, "top1_pct": 89.5}},
+        "quantize-p": {"size_mib": 1.0, "accuracy": {"fp32_top1_pct": 88.2, "top1_pct": 87.0}},
+        "bench-o1": {"results": [_bench(1, 2.0, 3.0, 500.0), _bench(8, 8.0, 9.0, 1000.0)]},
+        "bench-p1": {"results": [_bench(1, 0.5, 1.0, 2000.0), _bench(8, 2.0, 2.5, 4000.0)]},
+        "bench-o2": {"results": [_bench(1, 1.0, 1.5, 1000.0, precision="int8")]},
+    }
+    for sid, rec in stages.items():
+        d = root / "stages" / sid
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps({"stage": sid.split("-")[0], "record": rec}))
+
+    def branch(name, x, desc, steps):
+        bench = [{"precision": "fp32", "backend": "ort", "stage": f"bench-{x}1", "source": "export"}]
+        if x == "o":
+            bench.append({"precision": "int8", "backend": "ort", "stage": "bench-o2", "source": "quantize"})
+        return {"name": name, "description": desc, "steps": steps, "evaluate": f"evaluate-{x}",
+                "export": f"export-{x}", "quantize": {"int8": f"quantize-{x}"}, "build": {}, "bench": bench}
+
+    run = {"format": "deploycomp.pipeline", "format_version": 1, "status": "finished", "name": "hand",
+           "description": "hand-made records", "recipe": "hand.yaml", "recipe_sha256": "0" * 64, "wall_s": 12.3,
+           "finished_utc": "2026-01-01T00:00:00+00:00", "stages_run": 10, "stages_cached": 0,
+           "tensorrt_available": False, "deploycomp": "0.1.0",
+           "versions": {"torch": "2.x", "tensorrt": None},
+           "environment": {"cpu_model": "Test CPU", "cpus_usable": 2, "cpu_count": 2, "os": "Linux", "python": "3"},
+           "studies": [{"name": "hand", "scale": "tiny", "notes": ["TensorRT is not installed here"],
+                        "bench": {"backends": ["ort"], "batches": [1, 8]}, "report": {"backend": "ort", "batch": 1},
+                        "branches": [branch("original", "o", "as given", []),
+                                     branch("pruned", "p", "prune magnitude 0.5", ["prune-p"])]}]}
+    (root / "run.json").write_text(json.dumps(run))
+    return root
+
+
+def test_rows_have_exact_values(tmp_path):
+    from deploycomp.report import study_reports
+
+    _, (s,) = study_reports(make_run(tmp_path / "run"))
+    o, p = s.rows
+    assert o["variant"] == "original" and p["variant"] == "pruned"
+    assert o["top1_change_pts"] == 0 and abs(p["top1_change_pts"] - -1.8) < 1e-9
+    assert abs(p["accuracy_retained_pct"] - 98.0) < 1e-9
+    assert p["size_reduction_pct"] == 60.0 and p["macs_reduction_pct"] == 75.0
+    assert p["macs_m"] == 10.0 and p["params_m"] == 0.8 and p["top1_before_finetune_pct"] == 50.0
+    assert (p["latency_median_ms"], p["latency_p99_ms"], p["backend"], p["batch"]) == (0.5, 1.0, "ort", 1)
+    assert p["speedup"] == 4.0 and p["throughput_ips"] == 2000.0
+    int8 = [r for r in s.latency_rows if r["precision"] == "int8"]
+    assert len(int8) == 1 and int8[0]["top1_pct"] == 89.5 and int8[0]["size_mib"] == 2.5
+    assert int8[0]["format"] == "onnx" and int8[0]["speedup"] == 1.0
+
+
+def test_markdown_csv_json_and_plots(cli, tmp_path):
+    run = make_run(tmp_path / "run")
+    result = cli("report", run)
+    md = (run / "report.md").read_text()
+    assert md == result.output.split("wrote")[0].rstrip("\n") + "\n" or "| pruned |" in result.output
+    assert ("| pruned | prune magnitude 0.5 | 88.20 | -1.80 | 98.0 | 50.00 | 4.00 | 60.0 | 0.800 | 10.0 | 75.0 | "
+            "0.500 | 1.000 | ort | fp32 | 1 | 2000 | 4.00 |") in md
+    assert md.index("| original |") < md.index("| pruned |")
+    for fact in ("Test CPU", "tensorrt not installed", "TensorRT: not installed", "12 s", "1,000 test images"):
+        assert fact in md, fact
+    names = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert names == ["accuracy_vs_latency.png", "accuracy_vs_macs.png", "latency_vs_batch.png"]
+    for p in (run / "plots").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+    cli("report", run, "--format", "csv", "--no-plots")
+    rows = list(csv.DictReader(io.StringIO((run / "report.csv").read_text())))
+    assert [r["variant"] for r in rows] == ["original", "pruned"]
+    assert rows[1]["size_reduction_pct"] == "60.0" and rows[1]["speedup"] == "4.0"
+    latency = list(csv.DictReader(io.StringIO((run / "report-latency.csv").read_text())))
+    assert len(latency) == 5
+
+    cli("report", run, "--format", "json", "--no-plots")
+    doc = json.loads((run / "report.json").read_text())
+    assert doc["studies"][0]["rows"][1]["macs_reduction_pct"] == 75.0 and doc["tensorrt_available"] is False
+
+
+def test_report_on_a_directory_without_a_run(cli, tmp_path):
+    assert_one_line_error(cli("report", tmp_path, ok=False), "no run.json")
