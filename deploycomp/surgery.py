@@ -14,3 +14,19 @@ def replay_channel_pruning(model, record: dict[str, Any], example_input) -> None
 
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     dg.load_pruning_history(record["history"])
+
+
+@register_surgery("freeze")
+def replay_freeze(model, record: dict[str, Any], example_input) -> None:
+    """Re-freeze the parameters under ``record["prefixes"]`` (``requires_grad`` is not in a state dict)."""
+    from deploycomp.distill import freeze
+
+    freeze(model, record["prefixes"])
+
+
+@register_surgery("drop_blocks")
+def replay_block_dropping(model, record: dict[str, Any], example_input) -> None:
+    """Re-remove the residual blocks ``record["blocks"]`` (replaced by ``nn.Identity``) from a fresh model."""
+    from deploycomp.prune.depth import drop_blocks
+
+    drop_blocks(model, record["blocks"])

@@ -19,6 +19,15 @@ COMMANDS = {
     "train": "deploycomp.cli.train:train",
     "eval": "deploycomp.cli.evaluate:evaluate",
     "info": "deploycomp.cli.info:info",
+    "prune": "deploycomp.cli.prune:prune",
+    "bench": "deploycomp.cli.bench:bench",
+    "distill": "deploycomp.cli.distill:distill",
+    "export": "deploycomp.cli.export:export",
+    "quantize": "deploycomp.cli.quantize:quantize",
+    "build": "deploycomp.cli.build:build",
+    "bundle": "deploycomp.cli.bundle:bundle",
+    "pipeline": "deploycomp.cli.pipeline:pipeline",
+    "report": "deploycomp.cli.report:report",
 }
 
 
