@@ -132,3 +132,18 @@ def test_harness_overhead_per_iteration_is_small():
     median_us = float(np.median(t.latency_ns)) / 1e3
     assert per_iter_us < 50, f"harness costs {per_iter_us:.2f} us per iteration"
     assert median_us < 50, f"an empty iteration measures {median_us:.2f} us"
+
+
+def test_compare_never_crosses_backends():
+    """A speed-up is measured against the first artifact on the same backend and batch, never across backends."""
+    from deploycomp.bench import compare
+
+    def result(label, backend, batch, median, macs):
+        return {"label": label, "artifact": f"{label}.x", "backend": backend, "device": "cpu", "batch": batch,
+                "latency_ms": {"median": median}, "macs": macs}
+
+    rows = compare([result("base", "torch", 1, 4.0, 100), result("base-onnx", "ort", 1, 2.0, 100),
+                    result("pruned-onnx", "ort", 1, 1.0, 50), result("pruned", "torch", 1, 2.0, 50)])
+    assert [(r["reference"], r["speedup"], r["macs_reduction"]) for r in rows] == [
+        ("base", 1.0, 1.0), ("base-onnx", 1.0, 1.0), ("base-onnx", 2.0, 2.0), ("base", 2.0, 2.0)]
+    assert rows[2]["speedup_efficiency"] == 1.0

@@ -191,22 +191,16 @@ def _record(artifact, desc, cfg: BenchConfig, batch, targets, stats, mem, enviro
 
 
 def compare(results: list[dict]) -> list[dict]:
-    """Fill speed-up (median latency) against the first artifact at the same batch size, in place.
+    """Fill speed-up (median latency) against the reference at the same batch size, in place.
 
-    speedup = reference median latency / this median latency; macs_reduction = reference MACs / this
-    MACs; speedup_efficiency = speedup / macs_reduction (1.0: latency fell exactly as much as MACs).
+    The reference of a result is the first artifact timed on the same backend and device at the same
+    batch (normally the first artifact): a speed-up across backends would mix the backend's speed into
+    the model's. speedup = reference median latency / this median latency; macs_reduction = reference
+    MACs / this MACs; speedup_efficiency = speedup / macs_reduction (1.0: latency fell as much as MACs).
     """
-    if not results:
-        return results
-    first = results[0]["artifact"]
-    refs: dict[int, dict] = {}
+    refs: dict[tuple, dict] = {}
     for r in results:
-        if r["artifact"] == first:
-            refs.setdefault(r["batch"], r)  # the first occurrence: an artifact may be repeated to check drift
-    for r in results:
-        ref = refs.get(r["batch"])
-        if ref is None:
-            continue
+        ref = refs.setdefault((r["batch"], r["backend"], r.get("device")), r)  # repeated artifacts: first wins
         r["reference"] = ref["label"]
         r["speedup"] = ref["latency_ms"]["median"] / r["latency_ms"]["median"]
         if ref.get("macs") and r.get("macs"):
@@ -308,8 +302,8 @@ def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, li
             [[*name(r), r["latency_ms"]["median"], r["latency_ms"]["p99"], round(r["latency_ms"]["cov_pct"], 2),
               r["throughput_ips"]] for r in results])]
     if len({r["artifact"] for r in results}) > 1:
-        out.append((f"compared with {results[0]['label']} (speed-up of the median latency; "
-                    "efficiency = speed-up / MACs reduction)",
+        out.append(("compared with the first model timed on the same backend and batch (speed-up of the median "
+                    "latency; efficiency = speed-up / MACs reduction)",
                     ["model", "backend", "batch", "GMACs", "MACs red.", "speed-up", "efficiency"],
                     [[*name(r), r["macs"] / 1e9 if r.get("macs") else None, r["macs_reduction"], r["speedup"],
                       r["speedup_efficiency"]] for r in results]))
