@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     train_samples: int | None = None  # a deterministic subset of the training set (None: all)
+    val_samples: int | None = None  # validate each epoch on a deterministic subset (None: all)
 
     def validate(self) -> None:
         check(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
@@ -48,6 +49,8 @@ class TrainConfig:
         check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         check(self.train_samples is None or self.train_samples > 0,
               f"--train-samples must be positive, got {self.train_samples}")
+        check(self.val_samples is None or self.val_samples > 0,
+              f"--val-samples must be positive, got {self.val_samples}")
         OPTIMIZERS.get(self.optimizer)
         SCHEDULES.get(self.schedule)
 
@@ -262,7 +265,7 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
             row = _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion, penalties, device,
                                    use_amp, channels_last, f"epoch {epoch + 1}/{cfg.epochs}", dist.main)
             if val_set is not None and dist.main:
-                val = evaluate(model, val_set, device=device, description="validate")
+                val = evaluate(model, val_set, device=device, samples=cfg.val_samples, description="validate")
                 row.update({f"val_{k}": v for k, v in val.items() if k != "samples"})
             row["epoch"] = epoch + 1
             row["lr"] = scheduler.get_last_lr()[0]

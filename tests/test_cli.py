@@ -83,12 +83,13 @@ def test_list_models_and_datasets(cli):
 @needs_fmnist
 def test_train_eval_info_roundtrip(cli, tmp_path):
     out = tmp_path / "m.pt"
-    cli("-q", "train", "-m", "light_resnet18", "--epochs", "1", "--train-samples", "256", "--batch-size", "64",
-        "-o", out)
+    cli("-q", "train", "-m", "light_resnet18", "--epochs", "1", "--train-samples", "256", "--val-samples", "500",
+        "--batch-size", "64", "-o", out)
     assert out.exists() and (tmp_path / "m.pt.json").exists()
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "m.pt.resume.pt").exists()
     record = json.loads((tmp_path / "m.pt.json").read_text())
     assert record["params"]["epochs"] == 1 and record["params"]["dataset"] == "fashion-mnist"
+    assert record["params"]["val_samples"] == 500
     result = json.loads(cli("eval", "-m", out, "--samples", "200", "--json").stdout)
     assert result["samples"] == 200 and result["dataset"] == "fashion-mnist"
     # A command never overwrites its own input.

@@ -31,6 +31,8 @@ train_options = compose(
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--train-samples", type=int, default=None,
                  help="Train on a deterministic subset of N training images (default: all)."),
+    click.option("--val-samples", type=int, default=None,
+                 help="Validate each epoch on a deterministic subset of N test images (default: all)."),
     click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
 )
 
@@ -42,7 +44,7 @@ def train_config(opts: dict):
                        lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"],
                        schedule=opts["schedule"], label_smoothing=opts["label_smoothing"], amp=opts["amp"],
                        device=opts["device"], seed=opts["seed"], workers=opts["workers"],
-                       train_samples=opts["train_samples"])
+                       train_samples=opts["train_samples"], val_samples=opts["val_samples"])
 
 
 @click.command()
