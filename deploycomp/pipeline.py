@@ -1177,7 +1177,7 @@ def run_pipeline(recipe_path: str | os.PathLike | None = None, run_dir: str | os
                  force: bool = False, plots: bool = True) -> dict[str, Any]:
     """Validate ``recipe_path`` (default: the shipped default recipe), run it in ``run_dir``, write the report.
 
-    Returns ``{"run": <run.json>, "report": <report paths>}``.
+    Returns ``{"run": <run.json>, "report": <report paths>, "run_dir": <Path>}``.
     """
     from deploycomp import report
 
@@ -1197,5 +1197,5 @@ def run_pipeline(recipe_path: str | os.PathLike | None = None, run_dir: str | os
         raise UsageError(f"{out} is not empty and holds no pipeline run; choose another -o directory")
     run_doc = PipelineRun(recipe, out, RunOptions(force=force, plots=plots)).execute()
     paths = report.write_report(out, formats=("md", "csv", "json"), plots=plots)
-    return {"run": run_doc, "report": paths}
+    return {"run": run_doc, "report": paths, "run_dir": out}
 

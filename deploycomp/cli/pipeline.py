@@ -20,7 +20,7 @@ def pipeline(opts: dict) -> None:
 
     Without RECIPE it runs benchmarks/recipes/default.yaml: the shipped Fashion-MNIST baseline, a few
     pruning variants with a short fine-tune, ONNX export + INT8, torch and ONNX Runtime on the CPU
-    (about 10 minutes on two cores). Stages are cached in the run directory by a hash of their
+    (a few minutes on two cores). Stages are cached in the run directory by a hash of their
     inputs and options: running again skips what is done and continues an interrupted run.
 
     \b
@@ -50,4 +50,4 @@ def pipeline(opts: dict) -> None:
         console.result(f"wrote {f}")
     for group in paths["plots"].values():
         for p in group:
-            console.result(f"wrote {p}")
+            console.result(f"wrote {out['run_dir'] / p}")
