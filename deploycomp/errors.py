@@ -33,14 +33,14 @@ class CheckpointError(InputFileError):
 class UnknownNameError(UsageError):
     """A registry lookup with a name that is not registered."""
 
-    def __init__(self, kind: str, name: str, choices: Iterable[str], hint: str = ""):
+    def __init__(self, kind: str, name: str, choices: Iterable[str], hint: str = "", plural: str | None = None):
         choices = sorted(choices)
         close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
         shown = ", ".join(choices[:40]) + (f", ... ({len(choices)} in all)" if len(choices) > 40 else "")
         msg = f"unknown {kind} {name!r}"
         if close:
             msg += f"; did you mean {close[0]!r}?"
-        msg += f" Valid {kind}s: {shown}."
+        msg += f" Valid {plural or kind + 's'}: {shown}."
         if hint:
             msg += f" {hint}"
         super().__init__(msg)

@@ -19,9 +19,10 @@ class Registry(Generic[T]):
         ... class Magnitude: ...
     """
 
-    def __init__(self, kind: str, hint: str = ""):
+    def __init__(self, kind: str, hint: str = "", plural: str | None = None):
         self.kind = kind
         self.hint = hint
+        self.plural = plural
         self._items: dict[str, T] = {}
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
@@ -40,7 +41,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UnknownNameError(self.kind, name, self._items, self.hint) from None
+            raise UnknownNameError(self.kind, name, self._items, self.hint, self.plural) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -27,7 +27,7 @@ from deploycomp.errors import check
 from deploycomp.prune import calibrate
 from deploycomp.registry import Registry
 
-CRITERIA: Registry[type] = Registry("pruning criterion")
+CRITERIA: Registry[type] = Registry("pruning criterion", plural="pruning criteria")
 
 NORMS = {"l1": 1, "l2": 2}
 
