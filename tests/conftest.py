@@ -48,7 +48,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     Real weights and real metadata, but far from converged: use it for structure and plumbing tests.
     """
     if not HAS_FMNIST:
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+        pytest.skip(reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     from deploycomp import console
     from deploycomp.train import TrainConfig
     from deploycomp.workflows import run_training

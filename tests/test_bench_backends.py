@@ -159,7 +159,7 @@ def test_trt_engine_without_tensorrt(tmp_path, monkeypatch):
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("TensorRT is installed here")
+        pytest.skip(reason="TensorRT is installed here")
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not really an engine")
     with pytest.raises(MissingDependencyError, match="TensorRT"):

@@ -134,7 +134,7 @@ def test_bench_engine_without_tensorrt(cli):
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("TensorRT is installed here")
+        pytest.skip(reason="TensorRT is installed here")
     Path("model.engine").write_bytes(b"\x00" * 64)
     assert_one_line_error(cli("bench", "model.engine", ok=False), "TensorRT")
 

@@ -80,7 +80,7 @@ def test_cuda_without_cuda_is_a_usage_error():
     from deploycomp.train import resolve_device
 
     if torch.cuda.is_available():
-        pytest.skip("CUDA is present here, so asking for it is not an error")
+        pytest.skip(reason="CUDA is present here, so asking for it is not an error")
     with pytest.raises(UsageError, match="CUDA is not available"):
         resolve_device("cuda")
 

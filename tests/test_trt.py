@@ -150,7 +150,7 @@ def test_require_tensorrt_names_the_install():
     from deploycomp.trt import require_tensorrt, tensorrt_available
 
     if tensorrt_available():
-        pytest.skip("TensorRT is installed here")
+        pytest.skip(reason="TensorRT is installed here")
     with pytest.raises(MissingDependencyError, match=r'pip install "deploycomp\[tensorrt\]".*docker/'):
         require_tensorrt()
 
