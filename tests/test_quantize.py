@@ -141,3 +141,10 @@ def test_bad_inputs_are_one_line_errors(cli, fp32_onnx, tmp_path):
     quantize_onnx(fp32_onnx, tmp_path / "h.onnx", precision="fp16", evaluate=False)
     assert_one_line_error(cli("quantize", tmp_path / "h.onnx", "-p", "int8", ok=False), "already fp16")
     assert_one_line_error(cli("quantize", fp32_onnx, "-p", "int8", "-o", fp32_onnx, ok=False), "own input")
+
+
+def test_cli_calibration_choices_match_the_registry():
+    from deploycomp.cli.options import CALIBRATION_METHODS as CLI_METHODS
+    from deploycomp.quantize import CALIBRATION_METHODS
+
+    assert sorted(CLI_METHODS) == CALIBRATION_METHODS.names()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from deploycomp.cli.options import data_options, json_option, pass_options, positive_int, print_json
+from deploycomp.cli.options import (
+    data_options,
+    int8_calibration_options,
+    json_option,
+    pass_options,
+    positive_int,
+    print_json,
+)
 
 
 @click.command()
@@ -27,10 +34,7 @@ from deploycomp.cli.options import data_options, json_option, pass_options, posi
 @click.option("--builder", type=click.Choice(["python-api", "trtexec"]), default=None,
               help="How to build. Default: the TensorRT Python API, else trtexec on PATH.")
 @data_options
-@click.option("--calib-samples", type=int, default=None, callback=positive_int("--calib-samples"),
-              help="When INT8 needs quantizing first: calibration images. Default: 512.")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
-              help="When INT8 needs quantizing first: calibration method. Default: minmax.")
+@int8_calibration_options("When INT8 needs quantizing first")
 @click.option("--gpu", "device", type=int, default=0, show_default=True, help="CUDA device index.")
 @json_option
 @pass_options

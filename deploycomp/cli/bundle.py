@@ -6,6 +6,7 @@ import click
 
 from deploycomp.cli.options import (
     data_options,
+    int8_calibration_options,
     json_option,
     model_kwargs,
     model_options,
@@ -32,10 +33,7 @@ from deploycomp.cli.options import (
 @click.option("--input-size", default=None, metavar="HxW", help="Input height x width. Default: the model's.")
 @click.option("--opset", type=int, default=None, help="ONNX opset. Default: 17.")
 @click.option("--workspace", default=None, metavar="SIZE", help="Workspace limit in the trtexec commands, e.g. 1G.")
-@click.option("--calib-samples", type=int, default=None, callback=positive_int("--calib-samples"),
-              help="INT8 calibration images. Default: 512.")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
-              help="INT8 calibration method. Default: minmax.")
+@int8_calibration_options("INT8 variant")
 @click.option("--eval-samples", type=int, default=None, callback=positive_int("--eval-samples"),
               help="Test images for the FP16/INT8 accuracy figures. Default: the whole test split.")
 @json_option

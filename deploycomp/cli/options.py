@@ -53,6 +53,20 @@ device_option = click.option("--device", default=None, metavar="cpu|cuda|cuda:N"
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
+# The names of deploycomp.quantize.CALIBRATION_METHODS, spelled out so that --help imports nothing heavy
+# (tests/test_quantize.py checks that the two agree).
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+def int8_calibration_options(when: str = "INT8"):
+    """--calib-samples and --calib-method, shared by quantize, build and bundle."""
+    return compose(
+        click.option("--calib-samples", type=int, default=None, callback=positive_int("--calib-samples"),
+                     help=f"{when}: calibration images from the training split. Default: 512."),
+        click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default=None,
+                     help=f"{when}: how activation ranges are chosen. Default: minmax."),
+    )
+
 
 def model_kwargs(options: dict) -> dict:
     """The model-related entries of a command's options, as ``load_inputs`` keyword arguments."""

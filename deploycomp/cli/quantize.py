@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from deploycomp.cli.options import data_options, json_option, pass_options, positive_int, print_json
+from deploycomp.cli.options import (
+    data_options,
+    int8_calibration_options,
+    json_option,
+    pass_options,
+    positive_int,
+    print_json,
+)
 
 
 @click.command()
@@ -12,12 +19,9 @@ from deploycomp.cli.options import data_options, json_option, pass_options, posi
 @click.option("-p", "--precision", type=click.Choice(["fp16", "int8"]), required=True,
               help="fp16: FP16 weights/compute, FP32 inputs and outputs; int8: static Q/DQ (TensorRT explicit).")
 @data_options
-@click.option("--calib-samples", type=int, default=None, callback=positive_int("--calib-samples"),
-              help="INT8: calibration images from the training split. Default: 512.")
+@int8_calibration_options()
 @click.option("--calib-batch", type=int, default=None, callback=positive_int("--calib-batch"),
               help="INT8: calibration batch size (a static-batch model uses its own). Default: 32.")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
-              help="INT8: how activation ranges are chosen. Default: minmax.")
 @click.option("--eval-samples", type=int, default=None, callback=positive_int("--eval-samples"),
               help="Test images for the accuracy comparison. Default: the whole test split.")
 @click.option("--quantize-all-layers", is_flag=True,
