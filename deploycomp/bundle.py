@@ -167,8 +167,9 @@ flags; on TensorRT 10 `--stronglyTyped` gives the same behaviour):
 
 {chr(10).join(rows)}
 
-INT8 is static post-training quantization in Q/DQ form (symmetric, per-channel weights) calibrated on
-the training split; FP16 keeps FP32 inputs and outputs. Accuracy figures come from `deploycomp quantize`.
+INT8 is static post-training quantization in Q/DQ form for TensorRT (`deploycomp quantize --target
+tensorrt`: symmetric INT8, per-channel weights, Q/DQ placed for conv+add fusion) calibrated on the
+training split; FP16 keeps FP32 inputs and outputs. Accuracy figures come from `deploycomp quantize`.
 
 ## Preprocessing (`preprocess.json`)
 
@@ -231,7 +232,8 @@ def make_bundle(ckpt, out_dir: str | os.PathLike, *, target: str = "jetson",
                 console.info(f"bundle: {p} variant")
                 records[p] = quantize_onnx(work / MODEL_FILES["fp32"], work / MODEL_FILES[p], precision=p,
                                            data=data, data_dir=data_dir, calib_samples=calib_samples,
-                                           calib_method=calib_method, eval_samples=eval_samples, evaluate=evaluate)
+                                           calib_method=calib_method, eval_samples=eval_samples, evaluate=evaluate,
+                                           target="tensorrt" if p == "int8" else None)  # built by TensorRT there
         _relative_paths(work)
         files = {p: MODEL_FILES[p] for p in precisions}
         commands = build_commands(files, profile, workspace_bytes=workspace_bytes)

@@ -1,4 +1,4 @@
-"""ONNX precision: FP16 conversion and INT8 static post-training quantization in Q/DQ form.
+"""ONNX precision: FP16 conversion and INT8 static post-training quantization shaped for a target runtime.
 
 Precision lives in the ONNX graph (see ARCHITECTURE.md, "Precision and TensorRT"): TensorRT 11 is
 strongly typed and takes its precision from the graph, TensorRT 10 builds it as well, and ONNX Runtime
@@ -6,9 +6,19 @@ runs it on any CPU, so the accuracy of the converted model is measured here, bef
 
 * ``fp16``: onnxconverter-common's ``convert_float_to_float16`` with ``keep_io_types`` (the model
   still takes and returns FP32, so preprocessing does not change).
-* ``int8``: onnxruntime.quantization's ``quantize_static`` in ``QuantFormat.QDQ``: symmetric INT8
-  activations and per-channel symmetric INT8 weights (zero points 0), what TensorRT's explicit
-  quantization consumes. Calibration images come from the dataset's *training* split through
+* ``int8``: onnxruntime.quantization's ``quantize_static`` in ``QuantFormat.QDQ``, shaped for the
+  runtime that will execute the graph (an INT8 *target*, registered in :data:`INT8_TARGETS`):
+
+  - ``tensorrt``: what TensorRT's explicit quantization takes: symmetric INT8 activations and
+    per-channel symmetric INT8 weights (zero points 0), FP32 bias, Q/DQ only on the inputs of weighted
+    layers (Conv, Gemm, MatMul), never on their outputs, so that TensorRT fuses convolution + residual
+    add (+ ReLU) ("Q/DQ Layer-Placement Recommendations" of the TensorRT developer guide).
+  - ``ort-cpu``: what ONNX Runtime's CPU kernels run fastest: U8S8 (uint8 asymmetric activations,
+    per-channel symmetric int8 weights), INT32 bias, Q/DQ around every operator ONNX Runtime has an
+    integer kernel for (QLinearConv, QLinearAdd, ...), ``reduce_range`` (7-bit weights) only on an x86
+    CPU without VNNI, where U8S8's VPMADDUBSW can saturate.
+
+  Calibration images come from the dataset's *training* split through
   :func:`deploycomp.data.calibration_batches`; accuracy is reported on the *test* split.
 """
 
@@ -66,6 +76,142 @@ def register_precision(name: str, *, needs_data: bool, description: str):
     return wrap
 
 
+@dataclass(frozen=True)
+class Int8Target:
+    """How an INT8 Q/DQ graph is shaped for the runtime that will execute it (an entry of INT8_TARGETS)."""
+
+    name: str
+    runtime: str  # in words, e.g. "TensorRT (explicit quantization)"
+    backends: tuple[str, ...]  # deploycomp.bench backends the graph is made for
+    devices: tuple[str, ...]  # devices of those backends ("cpu", "cuda")
+    activations: str  # "int8" | "uint8"
+    activation_symmetric: bool  # zero point 0 for activations
+    quantize_bias: bool  # False: FP32 bias (TensorRT quantizes it itself)
+    op_types: tuple[str, ...] | None  # operators that get Q/DQ on their inputs; None: onnxruntime's default set
+    float_outputs: tuple[str, ...]  # operator types whose outputs get no Q/DQ
+    float_layers: Callable[[Any], list[str]]  # onnx.ModelProto -> names of the nodes kept in float
+    reduce_range: Callable[[], bool]  # 7-bit weights (decided on the quantizing machine)
+    description: str  # one line for --help and the docs
+    hint: str  # what bench says when this INT8 graph is slower than FP32 on a backend it is not made for
+
+    def made_for(self, backend: str, device: str | None = None) -> bool:
+        """Whether a graph of this target is meant to run on ``backend`` (a bench backend name) on ``device``."""
+        return backend in self.backends and (device is None or device.split(":")[0] in self.devices)
+
+
+INT8_TARGETS: Registry[Int8Target] = Registry("INT8 target", hint="Pass --target NAME, e.g. --target ort-cpu.")
+# `deploycomp quantize` makes what ONNX Runtime on the CPU, the backend every deploycomp machine has (and the one
+# quantize itself checks accuracy with), runs fastest; `build` and `bundle` make TensorRT's own.
+DEFAULT_INT8_TARGET = "ort-cpu"
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def first_and_last_layers(model) -> list[str]:
+    """Names of the first convolution and the last Gemm/MatMul (the classifier).
+
+    These two layers are the most sensitive to 8-bit rounding (the raw input and the logits). With
+    symmetric INT8 activations, keeping them in float turns a 2.7-point top-1 loss of the shipped
+    Fashion-MNIST baseline into less than 0.2 points (minmax, 512 calibration images); TensorRT runs
+    them in FP16/FP32 within the same engine at little cost.
+    """
+    nodes = model.graph.node
+    convs = [n.name for n in nodes if n.op_type == "Conv"]
+    heads = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+    return convs[:1] + heads[-1:]
+
+
+def no_float_layers(model) -> list[str]:
+    return []
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def has_vnni() -> bool | None:
+    """Whether this x86 CPU has an 8-bit dot-product instruction (AVX512-VNNI, AVX-VNNI, AMX); None: unknown."""
+    flags = cpu_flags()
+    if flags is None:
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def reduce_range_without_vnni() -> bool:
+    """ONNX Runtime's advice: U8S8 on x86 without VNNI uses VPMADDUBSW, whose 16-bit sums can saturate;
+    7-bit weights (``reduce_range``) avoid it. VNNI CPUs and ARM have no such issue. Unknown x86: reduce."""
+    return _is_x86() and not has_vnni()
+
+
+INT8_TARGETS.register("tensorrt", Int8Target(
+    name="tensorrt", runtime="TensorRT (explicit quantization)", backends=("trt",), devices=("cuda",),
+    activations="int8", activation_symmetric=True, quantize_bias=False, op_types=WEIGHTED_OPS,
+    float_outputs=WEIGHTED_OPS, float_layers=first_and_last_layers, reduce_range=lambda: False,
+    description="symmetric INT8, per-channel weights, Q/DQ on the inputs of Conv/Gemm only (TensorRT fuses "
+                "conv+add); first conv and classifier in float",
+    hint="quantized for tensorrt (symmetric INT8 Q/DQ that only TensorRT fuses); for ONNX Runtime on the CPU "
+         "use `deploycomp quantize --target ort-cpu`"))
+INT8_TARGETS.register("ort-cpu", Int8Target(
+    name="ort-cpu", runtime="ONNX Runtime, CPU execution provider", backends=("ort",), devices=("cpu",),
+    activations="uint8", activation_symmetric=False, quantize_bias=True, op_types=None, float_outputs=(),
+    float_layers=no_float_layers, reduce_range=reduce_range_without_vnni,
+    description="U8S8 Q/DQ (uint8 activations, per-channel int8 weights, int32 bias), every layer with an integer "
+                "kernel in ONNX Runtime; 7-bit weights on x86 without VNNI",
+    hint="quantized for ONNX Runtime on the CPU (ort-cpu); for TensorRT use `deploycomp quantize --target tensorrt` "
+         "or `deploycomp build MODEL.onnx --precision int8`"))
+
+
+def target_hint(record: dict[str, Any], backend: str, device: str | None = None) -> str:
+    """One line saying why an INT8 model may be slower than its FP32 original on ``backend`` (for bench).
+
+    ``record`` is the quantized model's sidecar. Names the target it was made for when that is not
+    ``backend``, else says that INT8 does not pay off for this model on this backend.
+    """
+    name = (record.get("quantization") or {}).get("target")
+    if name is None:
+        return ("quantized by an older deploycomp (symmetric INT8 for TensorRT); re-run `deploycomp quantize` "
+                f"(default --target {DEFAULT_INT8_TARGET}) for ONNX Runtime on the CPU")
+    if name not in INT8_TARGETS:
+        return f"quantized for an unknown target {name!r}"
+    target = INT8_TARGETS.get(name)
+    if not target.made_for(backend, device):
+        return target.hint
+    return (f"quantized for this backend ({name}), yet slower: INT8 does not pay off for this model here "
+            "(too small, or its time goes to layers kept in float); keep FP32")
+
+
+def check_int8_for_tensorrt(path: str | os.PathLike, model) -> None:
+    """Refuse an INT8 graph that TensorRT cannot build as quantized: uint8 Q/DQ or operator-format (QLinear*) nodes.
+
+    TensorRT's explicit quantization takes signed INT8 Q/DQ only; an ``ort-cpu`` graph has uint8 activations.
+    """
+    from onnx import TensorProto
+
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    unsigned = any(len(n.input) > 2 and inits.get(n.input[2]) == TensorProto.UINT8 for n in qdq)
+    operator_format = any(n.op_type.startswith("QLinear") for n in model.graph.node)
+    if unsigned or operator_format:
+        made_for = (read_sidecar(path).get("quantization") or {}).get("target") or "ONNX Runtime"
+        what = "uint8 activations" if unsigned else "QLinear operators"
+        raise UsageError(f"{path} is INT8 quantized for {made_for} ({what}), which TensorRT cannot build; build the "
+                         "FP32 model with --precision int8, or make this one with "
+                         "`deploycomp quantize FP32.onnx -p int8 --target tensorrt`")
+
+
 @dataclass
 class QuantizeOptions:
     dataset: Any = None  # calibration split (torch Dataset), int8 only
@@ -75,7 +221,8 @@ class QuantizeOptions:
     model_batch: int | None = None  # the ONNX input's fixed batch (None: dynamic)
     input_name: str = "input"
     seed: int = 0
-    quantize_all_layers: bool = False  # False: the first convolution and the classifier stay in float
+    quantize_all_layers: bool = False  # True: no layer stays in float, whatever the target keeps
+    target: str = DEFAULT_INT8_TARGET  # a name in INT8_TARGETS
 
 
 @register_precision("fp16", needs_data=False, description="FP16 weights and compute, FP32 inputs/outputs")
@@ -108,24 +255,30 @@ class _CalibrationReader:
 
 
 @register_precision("int8", needs_data=True,
-                    description="INT8 Q/DQ: symmetric activations, per-channel symmetric weights (TensorRT explicit)")
+                    description="INT8 Q/DQ shaped for a target runtime: ort-cpu (U8S8) or tensorrt (symmetric S8S8)")
 def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from deploycomp.data import calibration_batches
 
+    target = INT8_TARGETS.get(opts.target)
     method = CALIBRATION_METHODS.get(opts.calib_method)
     batch = opts.model_batch or opts.calib_batch
     samples = max(batch, opts.calib_samples // batch * batch)  # whole batches of the size the model takes
     batches = [x.numpy() for x, _ in calibration_batches(opts.dataset, samples, batch, seed=opts.seed)]
-    console.info(f"calibrating INT8 ({opts.calib_method}) on {samples} images in {len(batches)} batches")
+    console.info(f"calibrating INT8 for {target.name} ({opts.calib_method}) on {samples} images in "
+                 f"{len(batches)} batches")
+    reduce_range = target.reduce_range()
+    activation_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[target.activations]
     with tempfile.TemporaryDirectory() as work:
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        float_nodes = [] if opts.quantize_all_layers else _first_and_last_layers(pre)
-        # Zero points 0 everywhere and FP32 bias: TensorRT's DequantizeLinear takes INT8, not INT32, inputs.
-        extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+        float_nodes = [] if opts.quantize_all_layers else target.float_layers(onnx.load(str(pre)))
+        extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
+                 "QuantizeBias": target.quantize_bias,
+                 "OpTypesToExcludeOutputQuantization": list(target.float_outputs)}
         if opts.calib_method == "percentile":
             extra["CalibPercentile"] = PERCENTILE
         chatter = io.StringIO()  # the histogram calibrators print() their progress; stdout is for results
@@ -137,44 +290,36 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
                 # search has a single candidate (the min/max range): collect the ranges here with TensorRT's
                 # classic 2048 histogram bins and hand them over as a calibration cache.
                 cache = Path(work) / "ranges.json"
-                _histogram_ranges(pre, Path(work), method, reader, cache)
+                _histogram_ranges(pre, Path(work), method, reader, cache, target.activation_symmetric)
                 reader = None
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            reduce_range=reduce_range, activation_type=activation_type,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=list(target.op_types or []) or None,
                             calibrate_method=getattr(CalibrationMethod, method), extra_options=extra,
                             calibration_cache_path=cache, nodes_to_exclude=float_nodes)
         for line in chatter.getvalue().splitlines():
             console.debug(line)
-    return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-            "activations": "int8 symmetric", "weights": "int8 symmetric per-channel", "bias": "fp32",
+    vnni = has_vnni()
+    return {"target": target.name, "runtime": target.runtime, "made_for_backends": list(target.backends),
+            "quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "activations": f"{target.activations} {'symmetric' if target.activation_symmetric else 'asymmetric'}",
+            "weights": "int8 symmetric per-channel" + (" (7-bit range)" if reduce_range else ""),
+            "bias": "int32" if target.quantize_bias else "fp32", "reduce_range": reduce_range,
+            "quantized_op_types": list(target.op_types) if target.op_types else "onnxruntime default",
+            "float_output_op_types": list(target.float_outputs),
+            "quantizing_cpu": {"x86": _is_x86(), "vnni": vnni},
             "calib_method": opts.calib_method, "calib_samples": samples, "calib_batch": batch,
             "calib_split": "train", "calib_seed": opts.seed, "float_nodes": float_nodes,
             **({"calib_histogram_bins": 2048} if opts.calib_method != "minmax" else {}),
             **({"calib_percentile": PERCENTILE} if opts.calib_method == "percentile" else {})}
 
 
-def _first_and_last_layers(model_path: Path) -> list[str]:
-    """Names of the first convolution and the last Gemm/MatMul (the classifier).
-
-    These two layers are the most sensitive to 8-bit rounding (the raw input and the logits); keeping
-    them in float is standard practice and costs almost nothing. On the shipped Fashion-MNIST baseline
-    it turns a 2.7-point INT8 top-1 loss into less than 0.2 points (minmax, 512 calibration images).
-    TensorRT runs the unquantized layers in FP16/FP32 within the same engine.
-    """
-    import onnx
-
-    nodes = onnx.load(str(model_path)).graph.node
-    convs = [n.name for n in nodes if n.op_type == "Conv"]
-    heads = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
-    return convs[:1] + heads[-1:]
-
-
-def _histogram_ranges(model: Path, work: Path, method: str, reader, cache: Path) -> None:
+def _histogram_ranges(model: Path, work: Path, method: str, reader, cache: Path, symmetric: bool) -> None:
     """Activation ranges from an entropy/percentile histogram calibration, saved as an ORT calibration cache."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    options = {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128, "percentile": PERCENTILE}
+    options = {"symmetric": symmetric, "num_bins": 2048, "num_quantized_bins": 128, "percentile": PERCENTILE}
     calibrator = create_calibrator(model, sorted(set(QDQRegistry) | set(QLinearOpsRegistry)),
                                    augmented_model_path=str(work / "augmented.onnx"),
                                    calibrate_method=getattr(CalibrationMethod, method), extra_options=options)
@@ -185,10 +330,12 @@ def _histogram_ranges(model: Path, work: Path, method: str, reader, cache: Path)
 # --------------------------------------------------------------------------------------------------
 
 
-def default_output(onnx_path: str | os.PathLike, precision: str) -> Path:
-    """``model.onnx`` -> ``model.fp16.onnx`` / ``model.int8.onnx``."""
+def default_output(onnx_path: str | os.PathLike, precision: str, target: str | None = None) -> Path:
+    """``model.onnx`` -> ``model.fp16.onnx`` / ``model.int8.onnx`` (the default INT8 target) /
+    ``model.int8-tensorrt.onnx`` (another INT8 target), so that the targets never overwrite each other."""
     p = Path(onnx_path)
-    return p.with_name(f"{p.stem}.{precision}.onnx")
+    suffix = precision if target in (None, DEFAULT_INT8_TARGET) or precision != "int8" else f"{precision}-{target}"
+    return p.with_name(f"{p.stem}.{suffix}.onnx")
 
 
 def evaluate_onnx(path: str | os.PathLike, dataset, samples: int | None = None, batch_size: int = 256,
@@ -223,10 +370,12 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
                   data: str | None = None, data_dir: str | os.PathLike | None = None,
                   calib_samples: int | None = None, calib_batch: int | None = None, calib_method: str | None = None,
                   eval_samples: int | None = None, evaluate: bool = True, seed: int = 0,
-                  quantize_all_layers: bool = False) -> dict[str, Any]:
+                  quantize_all_layers: bool = False, target: str | None = None) -> dict[str, Any]:
     """Convert an FP32 ONNX model to ``precision`` (``fp16`` or ``int8``) and measure what it costs.
 
-    The dataset is ``data`` or the one named in the ONNX sidecar (written by ``deploycomp export``).
+    ``target`` (INT8 only) names the runtime the graph is shaped for, a name in :data:`INT8_TARGETS`;
+    None means :data:`DEFAULT_INT8_TARGET` (ONNX Runtime on the CPU); ``build`` and ``bundle`` pass
+    ``tensorrt``. The dataset is ``data`` or the one named in the ONNX sidecar (written by ``deploycomp export``).
     INT8 needs it for calibration; for both precisions it gives the top-1 of the converted model against
     the FP32 one (ONNX Runtime CPU, ``eval_samples`` test images, default all). Returns the sidecar record.
     """
@@ -235,13 +384,15 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     spec = PRECISIONS.get(precision)
     calib_method = calib_method or "minmax"
     CALIBRATION_METHODS.get(calib_method)
+    check(target is None or precision == "int8", f"--target applies to --precision int8 only, not {precision}")
+    target = INT8_TARGETS.get(target or DEFAULT_INT8_TARGET).name
     src = Path(onnx_path)
     model = load_onnx(src)
     found = onnx_precision(model)
     check(found == "fp32", f"{src} is already {found}; quantize starts from the FP32 model written by "
           "`deploycomp export`")
     io = io_info(model)
-    out = Path(output) if output else default_output(src, precision)
+    out = Path(output) if output else default_output(src, precision, target)
     check(out.suffix == ".onnx", f"output {out} should end in .onnx")
     ensure_not_input(out, src)
     side = read_sidecar(src)
@@ -249,7 +400,8 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     opts = QuantizeOptions(calib_samples=calib_samples or DEFAULT_CALIB_SAMPLES,
                            calib_batch=calib_batch or DEFAULT_CALIB_BATCH, calib_method=calib_method,
                            model_batch=None if io["dynamic_batch"] else io["input_shape"][0],
-                           input_name=io["input_name"], seed=seed, quantize_all_layers=quantize_all_layers)
+                           input_name=io["input_name"], seed=seed, quantize_all_layers=quantize_all_layers,
+                           target=target)
     check(opts.calib_samples > 0, f"--calib-samples must be positive, got {opts.calib_samples}")
     check(opts.calib_batch > 0, f"--calib-batch must be positive, got {opts.calib_batch}")
     check(eval_samples is None or eval_samples > 0, f"--eval-samples must be positive, got {eval_samples}")
@@ -297,7 +449,9 @@ def _record(src: Path, out: Path, side: dict, precision: str, details: dict, io:
     record = {k: v for k, v in side.items() if k not in ("parity", "output", "command", "simplify", "checker",
                                                           "onnx_sha256", "size_mib")}
     record.update({"command": "quantize", "output": str(out), "precision": precision, "source_onnx": str(src),
-                   "source_onnx_sha256": sha256(src), "input_name": io["input_name"],
+                   # where bench finds the FP32 original when both files move together
+                   "source_onnx_relative": os.path.relpath(src.resolve(), out.resolve().parent),
+                   "source_onnx_sha256": sha256(src), "source_precision": "fp32", "input_name": io["input_name"],
                    "output_name": io["output_name"], "input_shape": io["input_shape"],
                    "dynamic_batch": io["dynamic_batch"], "opset": io["opset"], "input_dtype": "float32",
                    "quantization": details, "deploycomp": __version__})

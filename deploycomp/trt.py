@@ -444,6 +444,10 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
     graph_precision = onnx_precision(model)
     if precision is not None and graph_precision != "fp32" and precision != graph_precision:
         plan_precision(precision, graph_precision, 11)  # raises the one-line error before looking for TensorRT
+    if graph_precision == "int8":
+        from deploycomp.quantize import check_int8_for_tensorrt
+
+        check_int8_for_tensorrt(src, model)  # an ort-cpu graph is a one-line error, before looking for TensorRT
     chosen, version = pick_builder(builder)
     gpu = gpu_info(device)
     plan = plan_precision(precision, graph_precision, tensorrt_major(version))
@@ -487,13 +491,16 @@ def _quantized_source(src: Path, precision: str, data, data_dir, calib_samples, 
     from deploycomp.export import read_sidecar
     from deploycomp.quantize import default_output, quantize_onnx
 
-    out = default_output(src, precision)
-    if out.exists() and read_sidecar(out).get("source_onnx_sha256") == sha256(src):
+    target = "tensorrt" if precision == "int8" else None  # INT8 Q/DQ placed the way TensorRT fuses it
+    out = default_output(src, precision, target)
+    side = read_sidecar(out) if out.exists() else {}
+    if side.get("source_onnx_sha256") == sha256(src) and (side.get("quantization") or {}).get("target") == target:
         console.info(f"using {out}, already quantized from {src}")
         return out
-    console.info(f"running: deploycomp quantize {src} --precision {precision} -o {out}")
+    flag = f" --target {target}" if target else ""
+    console.info(f"running: deploycomp quantize {src} --precision {precision}{flag} -o {out}")
     quantize_onnx(src, out, precision=precision, data=data, data_dir=data_dir, calib_samples=calib_samples,
-                  calib_method=calib_method, evaluate=False)
+                  calib_method=calib_method, evaluate=False, target=target)
     return out
 
 

@@ -266,7 +266,9 @@ def test_trtexec_fallback_int8_needs_qdq(cli, onnx_model, fake_trtexec, tmp_path
     Path(f"{src}.json").write_text(Path(f"{onnx_model}.json").read_text())
     cli("build", src, "--precision", "int8", "--calib-samples", "32")
     args = log.read_text().split()
-    assert f"--onnx={tmp_path / 'm.int8.onnx'}" in args and "--stronglyTyped" in args and "--int8" not in args
+    made = tmp_path / "m.int8-tensorrt.onnx"  # quantized for TensorRT, not for ONNX Runtime's CPU kernels
+    assert f"--onnx={made}" in args and "--stronglyTyped" in args and "--int8" not in args
+    assert json.loads(Path(f"{made}.json").read_text())["quantization"]["target"] == "tensorrt"
 
 
 # -- real TensorRT (skipped here: TensorRT and a GPU are needed) ---------------------------------------------
@@ -324,7 +326,7 @@ def test_real_int8_build(onnx_model, tmp_path):
     from deploycomp.trt import EngineRunner, build_engine
 
     qdq = tmp_path / "m.int8.onnx"
-    quantize_onnx(onnx_model, qdq, precision="int8", calib_samples=64, evaluate=False)
+    quantize_onnx(onnx_model, qdq, precision="int8", calib_samples=64, evaluate=False, target="tensorrt")
     rec = build_engine(qdq, tmp_path / "m.int8.engine")
     assert rec["precision"] == "int8"
     with EngineRunner(tmp_path / "m.int8.engine") as runner:
