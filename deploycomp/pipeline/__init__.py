@@ -48,9 +48,9 @@ from deploycomp.pipeline.schema import (
     VARIANT_STEPS,
     RecipeError,
     Section,
-    _check_mapping,
     _prune_section,
     _train_section,
+    check_recipe,
     recipe_section,
 )
 from deploycomp.pipeline.stages import MODEL_FILE, STAGES, Stage, StageKind, StageRun, register_stage
@@ -60,5 +60,5 @@ __all__ = [
     "STAGES", "TRAIN_EXTRAS", "VARIANT_STEPS", "Branch", "PipelineRun", "Recipe", "RecipeError", "RunOptions",
     "Section", "Stage", "StageKind", "StageRun", "Study", "StudyPlan", "bench_config", "describe_steps",
     "load_recipe", "plan_study", "prune_config", "recipe_section", "register_stage", "resolve_model_ref",
-    "run_pipeline", "train_config", "validate_values", "_check_mapping", "_prune_section", "_train_section",
+    "run_pipeline", "train_config", "validate_values", "check_recipe", "_prune_section", "_train_section",
 ]

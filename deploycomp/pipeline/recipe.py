@@ -15,7 +15,7 @@ from typing import Any
 
 from deploycomp.errors import DeploycompError, InputFileError, UnknownNameError
 from deploycomp.pipeline.configs import _distill_params, bench_config, prune_config, train_config
-from deploycomp.pipeline.schema import VARIANT_STEPS, RecipeError, _check_mapping, recipe_section
+from deploycomp.pipeline.schema import VARIANT_STEPS, RecipeError, check_recipe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 RECIPES_DIR = REPO_ROOT / "benchmarks" / "recipes"
@@ -65,7 +65,7 @@ def load_recipe(path: str | os.PathLike | None = None) -> Recipe:
         raise RecipeError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     where = str(p)
     raw = {} if raw is None else raw
-    top = _check_mapping(raw, recipe_section(), "", where)
+    top = check_recipe(raw, where)
     shared = {k: v for k, v in top.items() if k != "studies"}
     studies = []
     if top.get("studies"):

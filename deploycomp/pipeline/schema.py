@@ -1,22 +1,29 @@
 """Recipe schema: the keys a recipe may have, taken from the libraries' config dataclasses and signatures.
 
-:func:`recipe_section` describes a whole recipe; :func:`_check_mapping` checks a YAML mapping against a
-section (unknown keys with the closest valid one, wrong types, required keys), turning YAML lists into
-tuples where a tuple is wanted. Every problem is a one-line :class:`RecipeError` naming the file and the
-key path.
+Each section of a recipe is a pydantic model built from a library's own fields (:class:`TrainConfig`,
+:class:`PruneConfig`, :class:`BenchConfig`, the keyword parameters of :func:`export_onnx`, ...), so an
+option added there is accepted here without a second list. Unknown keys are refused, YAML lists become
+tuples where a tuple is wanted (and a single value a one-element tuple: ``batches: 8``); numbers, integers
+and booleans are strict (``epochs: yes`` is refused) except that a number may be written the way PyYAML
+leaves it a string (``1e-4``). :func:`check_recipe` returns the keys *given* (nothing filled in: "None
+means default"), and turns pydantic's first error into one :class:`RecipeError` line naming the file and
+the key path, e.g. ``recipe.yaml: variants[0].prune.ratoi: unknown key; did you mean 'ratio'? ...``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import os
 import types
 import typing
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import BeforeValidator, ConfigDict, Strict
 
 from deploycomp.errors import UsageError
 
@@ -25,24 +32,49 @@ class RecipeError(UsageError):
     """A recipe that cannot run: one line with the file, the key path and what is allowed."""
 
 
-@dataclass
-class Section:
-    """The keys a mapping in a recipe may have: key -> type hint (or a nested :class:`Section`).
+# The steps a variant may take, in the order they run (sparsity training before the pruning it prepares).
+VARIANT_STEPS = ("train", "distill", "prune")
 
-    ``section | None`` allows null; ``[section]`` is a list of such mappings.
-    """
-
-    name: str
-    fields: dict[str, Any]
-    required: tuple[str, ...] = ()
-
-    def __or__(self, other) -> _Nullable:
-        return _Nullable(self)
+Section = type[pydantic.BaseModel]  # one mapping of a recipe: its name is the model's __name__
+_CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
-@dataclass
-class _Nullable:
-    section: Section
+# -- type hints of the libraries -> pydantic field types --------------------------------------------
+
+
+def _number(v):
+    """PyYAML reads ``1e-4`` (no dot) as a string: take it as the number it is."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _one_or_many(v):
+    """A single value where a list is wanted (``batches: 8``) is a list of one."""
+    return [v] if isinstance(v, (str, int, float)) and not isinstance(v, bool) else v
+
+
+_LEAVES = {bool: Annotated[bool, Strict()], int: Annotated[int, Strict()], str: Annotated[str, Strict()],
+           os.PathLike: Annotated[str, Strict()], float: Annotated[float, BeforeValidator(_number), Strict()]}
+
+
+def _field_type(hint):
+    """``hint`` with strict leaves; tuples and lists accept YAML lists (and one value for ``tuple[X, ...]``)."""
+    if hint in _LEAVES:
+        return _LEAVES[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_field_type(a) for a in args)]  # noqa: UP007 (built from a tuple)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return Annotated[tuple[_field_type(args[0]), ...], BeforeValidator(_one_or_many)]
+    if origin is tuple and args:
+        return tuple[tuple(_field_type(a) for a in args)]
+    if origin is list and args:
+        return list[_field_type(args[0])]
+    return hint
 
 
 def _hints_of(obj) -> dict[str, Any]:
@@ -54,12 +86,22 @@ def _hints_of(obj) -> dict[str, Any]:
     return {n: p.annotation for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
 
 
+def _model(name: str, fields: dict[str, Any], required: tuple[str, ...] = ()) -> Section:
+    """A section: ``fields`` is key -> type hint or nested section; every key optional unless ``required``."""
+    spec = {k: (v if isinstance(v, type) and issubclass(v, pydantic.BaseModel) else _field_type(v),
+                ... if k in required else None) for k, v in fields.items()}
+    return pydantic.create_model(name, __config__=_CONFIG, **spec)
+
+
 def _section(name: str, source, *, drop: tuple[str, ...] = (), add: dict[str, Any] | None = None,
              replace: dict[str, Any] | None = None, required: tuple[str, ...] = ()) -> Section:
     fields = {k: v for k, v in _hints_of(source).items() if k not in drop}
     fields.update(replace or {})
     fields.update(add or {})
-    return Section(name, fields, required)
+    return _model(name, fields, required)
+
+
+# -- the sections ------------------------------------------------------------------------------------
 
 
 def _train_section(name: str = "train") -> Section:
@@ -88,8 +130,8 @@ def _distill_section() -> Section:
 
     sig = inspect.signature(run_distillation, eval_str=True)
     kd = {k: sig.parameters[k].annotation for k in ("temperature", "alpha", "lam")}
-    return Section("distill", {"student": str, "teacher": str, **kd, "train": _train_section()},
-                   required=("student",))
+    return _model("distill", {"student": str, "teacher": str, **kd, "train": _train_section()},
+                  required=("student",))
 
 
 def _export_section() -> Section:
@@ -121,155 +163,120 @@ def _bench_section() -> Section:
                     add={"backends": tuple[str, ...]}, replace={"batches": tuple[int, ...]})
 
 
-def _data_section() -> Section:
-    return Section("data", {"name": str, "dir": str, "input_size": tuple[int, int], "eval_samples": int,
-                            "eval_batch": int})
-
-
-def _report_section() -> Section:
-    return Section("report", {"backend": str, "batch": int, "precision": str})
-
-
-def _variant_section() -> Section:
-    return Section("variant", {"name": str, "description": str, "train": _train_section(),
-                               "distill": _distill_section(), "prune": _prune_section()}, required=("name",))
-
-
-# The steps a variant may take, in the order they run (sparsity training before the pruning it prepares).
-VARIANT_STEPS = ("train", "distill", "prune")
-
-
 def _study_fields() -> dict[str, Any]:
+    data = _model("data", {"name": str, "dir": str, "input_size": tuple[int, int], "eval_samples": int,
+                           "eval_batch": int})
+    variant = _model("variant", {"name": str, "description": str, "train": _train_section(),
+                                 "distill": _distill_section(), "prune": _prune_section()}, required=("name",))
     return {"name": str, "description": str, "scale": str, "model": str, "train": _train_section() | None,
-            "data": _data_section(), "device": str, "variants": [_variant_section()],
+            "data": data, "device": str, "variants": list[variant],
             "export": _export_section() | None, "quantize": _quantize_section() | None,
-            "build": _build_section() | None, "bench": _bench_section() | None, "report": _report_section()}
+            "build": _build_section() | None, "bench": _bench_section() | None,
+            "report": _model("report", {"backend": str, "batch": int, "precision": str})}
 
 
+@functools.lru_cache(maxsize=1)
 def recipe_section() -> Section:
     """The schema of a whole recipe (a study, or shared defaults plus ``studies``)."""
-    fields = _study_fields()
-    fields["studies"] = [Section("study", _study_fields(), required=("name",))]
-    return Section("recipe", fields)
+    study = _model("study", _study_fields(), required=("name",))
+    return _model("recipe", {**_study_fields(), "studies": list[study]})
 
 
-class _Mismatch(Exception):
-    pass
+# -- checking, and pydantic's errors as one line --------------------------------------------------------
+
+
+def check_recipe(raw: Any, where: str) -> dict[str, Any]:
+    """The keys of ``raw`` (a parsed YAML recipe) checked and coerced; only the keys given are returned."""
+    try:
+        return recipe_section().model_validate(raw).model_dump(exclude_unset=True)
+    except pydantic.ValidationError as e:
+        errors = e.errors()
+        first = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
+        raise RecipeError(f"{where}: {_message(first)}") from None
+
+
+def _message(error: dict[str, Any]) -> str:
+    """``key.path: what is wrong`` for one pydantic error."""
+    section, hint, path = _follow(error["loc"])
+    value, kind = error["input"], error["type"]
+    allowed = ", ".join(section.model_fields)
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1])
+        close = difflib.get_close_matches(key, section.model_fields, n=1, cutoff=0.5)
+        hint_text = f"did you mean {close[0]!r}? " if close else ""
+        return f"{path}: unknown key; {hint_text}allowed in {section.__name__}: {allowed}"
+    if kind == "missing":
+        return f"{path}: required in {section.__name__} ({_describe(hint)})"
+    if kind == "model_type" and _is_section(_unwrap(hint)):
+        inner = _unwrap(hint)
+        return (f"{path or 'the recipe'} must be a mapping of {inner.__name__} options "
+                f"({', '.join(inner.model_fields)}), got {_type_name(value)}")
+    return f"{path}: expected {_describe(hint)}, got {_type_name(value)} {_short(value)}"
+
+
+def _follow(loc: tuple) -> tuple[Section, Any, str]:
+    """The section holding the error, the type hint at the error and its key path (``a.b[2].c``).
+
+    The path stops where pydantic's location leaves the schema's keys and list indices (the member of a
+    union it tried), so the message describes the whole union.
+    """
+    section, hint, path = recipe_section(), recipe_section(), ""
+    for part in loc:
+        inner = _unwrap(hint)
+        if _is_section(inner) and part in inner.model_fields:
+            section, hint = inner, inner.model_fields[part].annotation
+        elif _is_section(inner):  # an unknown key
+            section, hint = inner, None
+        elif isinstance(part, int) and typing.get_origin(inner) in (list, tuple):
+            args = typing.get_args(inner)
+            hint = args[0] if len(args) == 1 or args[1] is Ellipsis else args[min(part, len(args) - 1)]
+        else:
+            break
+        path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else str(part)
+    return section, hint, path
+
+
+def _unwrap(hint):
+    """Annotated[X, ...] -> X; X | None -> X (a union of several types stays)."""
+    while True:
+        if typing.get_origin(hint) is Annotated:
+            hint = typing.get_args(hint)[0]
+            continue
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            rest = [a for a in typing.get_args(hint) if a is not type(None)]
+            if len(rest) == 1:
+                hint = rest[0]
+                continue
+        return hint
+
+
+def _is_section(hint) -> bool:
+    return isinstance(hint, type) and issubclass(hint, pydantic.BaseModel)
 
 
 def _describe(hint) -> str:
-    if isinstance(hint, Section):
-        return f"a mapping ({hint.name} options)"
-    if isinstance(hint, _Nullable):
-        return f"{_describe(hint.section)} or null"
-    if isinstance(hint, list):
-        return f"a list of {_describe(hint[0])}s"
+    if typing.get_origin(hint) is Annotated:
+        return _describe(typing.get_args(hint)[0])
+    if _is_section(hint):
+        return f"a mapping ({hint.__name__} options)"
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         parts = [_describe(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin in (tuple, list):
-        if len(args) == 2 and args[1] is Ellipsis or origin is list:
-            return f"a list of {_describe(args[0])}s"
-        return f"a list of {len(args)} {_describe(args[0])}s"
+        if origin is list or len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(_describe(args[0]))}"
+        return f"a list of {len(args)} {_plural(_describe(args[0]))}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            type(None): "null", Any: "anything"}.get(hint, "a string" if hint is os.PathLike else str(hint))
+            type(None): "null", Any: "anything"}.get(hint, str(hint))
 
 
-def _coerce(value, hint, path: str, where: str):
-    """``value`` checked against ``hint`` (YAML lists become tuples where a tuple is wanted)."""
-    if hint is Any or hint is typing.Any:
-        return value
-    if isinstance(hint, Section):
-        return _check_mapping(value, hint, path, where)
-    if isinstance(hint, _Nullable):
-        return None if value is None else _coerce(value, hint.section, path, where)
-    if isinstance(hint, list):
-        if not isinstance(value, list):
-            raise _Mismatch(_describe(hint))
-        return [_coerce(v, hint[0], f"{path}[{i}]", where) for i, v in enumerate(value)]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch(_describe(hint))
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path, where)
-            except _Mismatch:
-                continue
-        raise _Mismatch(_describe(hint))
-    if origin in (tuple, list):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(args) == 2 \
-                and args[1] is Ellipsis:
-            value = [value]  # a single value where a list is wanted: batches: 8
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch(_describe(hint))
-        variable = len(args) == 2 and args[1] is Ellipsis or origin is list
-        if not variable and len(value) != len(args):
-            raise _Mismatch(_describe(hint))
-        out = []
-        for i, v in enumerate(value):
-            try:
-                out.append(_coerce(v, args[0] if variable else args[i], f"{path}[{i}]", where))
-            except _Mismatch as e:
-                raise RecipeError(f"{where}: {path}[{i}]: expected {e}, got {_type_name(v)} {_short(v)}") from None
-        return tuple(out)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch("true or false")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch("an integer")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _Mismatch("a number")
-    if hint is str or hint is os.PathLike:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch("a string")
-    if hint is type(None):
-        if value is None:
-            return None
-        raise _Mismatch("null")
-    return value
-
-
-def _check_mapping(value, section: Section, path: str, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise RecipeError(f"{where}: {path or 'the recipe'} must be a mapping of {section.name} options "
-                          f"({_allowed(section)}), got {_type_name(value)}")
-    out = {}
-    for key, v in value.items():
-        sub = f"{path}.{key}" if path else str(key)
-        if key not in section.fields:
-            close = difflib.get_close_matches(str(key), section.fields, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise RecipeError(f"{where}: {sub}: unknown key; {hint}allowed in {section.name}: {_allowed(section)}")
-        try:
-            out[key] = _coerce(v, section.fields[key], sub, where)
-        except _Mismatch as e:
-            raise RecipeError(f"{where}: {sub}: expected {e}, got {_type_name(v)} {_short(v)}") from None
-    for key in section.required:
-        if out.get(key) is None:
-            raise RecipeError(f"{where}: {path + '.' if path else ''}{key}: required in {section.name} "
-                              f"({_describe(section.fields[key])})")
-    return out
-
-
-def _allowed(section: Section) -> str:
-    return ", ".join(section.fields)
+def _plural(description: str) -> str:
+    """``an integer`` -> ``integers``, ``a mapping (variant options)`` -> ``mappings (variant options)``."""
+    words = description.split(" ", 2)
+    if words[0] not in ("a", "an") or len(words) < 2:
+        return description
+    return " ".join([words[1] + "s", *words[2:]])
 
 
 def _type_name(v) -> str:
