@@ -1,4 +1,4 @@
-"""CPU latency of pruned models with torch and ONNX Runtime -> benchmarks/results/bench_cpu.md (+ .json).
+"""CPU latency of pruned models with torch and ONNX Runtime -> benchmarks/results/bench_cpu.md (+ a summary .json).
 
 Models: the shipped baseline (light_resnet18 on Fashion-MNIST, 28 px) and torchvision ResNet-50 at
 224 px, each pruned layer-wise by weight magnitude (torch-pruning MetaPruner + MagnitudeImportance,
@@ -72,37 +72,69 @@ def time_model(variants: list[dict], kind: str, threads: int, rounds: int, timin
     """
     from deploycomp.bench import BenchConfig, benchmark
 
-    order = variants + [variants[0]]
-    paths = [v[kind] for v in order]
-    per: dict[tuple[int, int], list[dict]] = {}
+    paths = [v[kind] for v in variants + [variants[0]]]
     raw = []
     for rnd in range(rounds):
         cfg = BenchConfig(device="cpu", batches=(1, 8), threads=threads, **timing)
-        for k, r in enumerate(benchmark(paths, cfg)):  # ordered by artifact, then batch
-            i = k // len(cfg.batches)
+        for r in benchmark(paths, cfg):  # ordered by artifact, then batch
             r["round"] = rnd
-            per.setdefault((i, r["batch"]), []).append(r)
             raw.append(r)
+    return aggregate(raw)
+
+
+def aggregate(raw: list[dict]) -> list[dict]:
+    """Per-round harness results of one model and backend -> one row per variant and batch.
+
+    Within a round the results come ordered by artifact, then batch, the artifacts being ``VARIANTS``
+    and the original again.
+    """
+    per: dict[tuple[int, int], list[dict]] = {}
+    for rnd in sorted({r["round"] for r in raw}):
+        rs = [r for r in raw if r["round"] == rnd]
+        n_batches = len({r["batch"] for r in rs})
+        for k, r in enumerate(rs):
+            per.setdefault((k // n_batches, r["batch"]), []).append(r)
     out = []
     for (i, _batch), rs in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        v = order[i]
+        name, ratio, round_to = VARIANTS[i] if i < len(VARIANTS) else ("original (again, last)", 0.0, None)
         medians = [r["latency_ms"]["median"] for r in rs]
         agg = dict(rs[0])
-        agg.update({"variant": v["variant"] if i < len(variants) else "original (again, last)",
-                    "ratio": v["ratio"], "round_to": v["round_to"], "rounds": len(rs),
+        agg.update({"variant": name, "ratio": ratio, "round_to": round_to, "rounds": len(rs),
                     "latency_median_ms": st.median(medians), "round_medians_ms": medians,
                     "round_spread_pct": 100 * (max(medians) - min(medians)) / st.median(medians),
                     "cov_pct_median": st.median(r["latency_ms"]["cov_pct"] for r in rs),
+                    "round_cov_pct": [r["latency_ms"]["cov_pct"] for r in rs],
                     "iterations_total": sum(r["iterations"] for r in rs)})
         out.append(agg)
-    for batch in (1, 8):  # speed-up and efficiency from the aggregated medians
+    for batch in sorted({a["batch"] for a in out}):  # speed-up and efficiency from the aggregated medians
         ref = next(a for a in out if a["batch"] == batch)
         for a in out:
             if a["batch"] == batch:
                 a["speedup"] = ref["latency_median_ms"] / a["latency_median_ms"]
                 a["macs_reduction"] = ref["macs"] / a["macs"] if ref.get("macs") and a.get("macs") else None
                 a["speedup_efficiency"] = a["speedup"] / a["macs_reduction"] if a["macs_reduction"] else None
-    return out, raw
+    return out
+
+
+# What a row of the summary JSON keeps (the tables' numbers and what they were measured with); the
+# per-round harness records (every percentile, the environment again with each result) are not kept.
+SUMMARY_KEYS = ("model", "variant", "ratio", "round_to", "backend", "batch", "precision", "io", "threads", "macs",
+                "params_total", "rounds", "iterations_total", "latency_median_ms", "round_medians_ms",
+                "round_spread_pct", "cov_pct_median", "round_cov_pct", "speedup", "macs_reduction",
+                "speedup_efficiency")
+
+
+def _rounded(v, digits: int = 4):
+    if isinstance(v, float):
+        return round(v, digits)
+    return [_rounded(x, digits) for x in v] if isinstance(v, list) else v
+
+
+def summary(results: list[dict], agreement: list[dict] | None, meta: dict) -> dict:
+    """The aggregated rows of the Markdown tables (CoV > 2.5 % is the harness's warning), the environment once."""
+    return {"schema": "deploycomp.benchmarks.bench_cpu", "schema_version": 1, "meta": meta,
+            "environment": results[0]["environment"], "agreement": agreement,
+            "results": [{k: _rounded(r.get(k)) for k in SUMMARY_KEYS} for r in results]}
 
 
 def torch_utils_agreement(source: str, threads: int, input_size=None, seconds: float = 2.0, rounds: int = 3) -> dict:
@@ -241,8 +273,8 @@ def write_markdown(path: Path, results: list[dict], agreement: list[dict], meta:
         lines.append(f"| {a['model']} | {a['threads']} | {a['torch_utils_benchmark_median_ms']:.3f} "
                      f"| {a['deploycomp_median_ms']:.3f} | {a['ratio']:.3f} | "
                      + ", ".join(f"{x:.3f}" for x in a["round_ratios"]) + " |")
-    lines += ["", "Raw per-round results (the `deploycomp bench --json` schema, plus `round`): `bench_cpu.json` "
-              "beside this file.", ""]
+    lines += ["", f"The numbers of these tables, per variant, backend and batch (with the median and CoV of every "
+              f"round): `{path.with_suffix('.json').name}` beside this file.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -278,31 +310,30 @@ def main() -> None:
     rounds = 3
     if args.quick:
         timing, rounds = {"warmup": 1, "warmup_ms": 0.0, "iters": 2, "duration_s": 0.2}, 1
-    results, raw = [], []
+    results = []
     for model, variants in models.items():
         for kind, backend in (("pt", "torch"), ("onnx", "ort")):
             console.info(f"== {model}: {backend}, batch 1 and 8, {rounds} rounds")
-            agg, rs = time_model(variants, kind, args.threads, rounds, timing)
-            for r in agg + rs:
+            agg = time_model(variants, kind, args.threads, rounds, timing)
+            for r in agg:
                 r["model"] = model
             results += agg
-            raw += rs
     agreement = [torch_utils_agreement(base_source or str(workdir / "light_resnet18-fresh.pt"), args.threads,
                                        seconds=0.5 if args.quick else 2.0, rounds=1 if args.quick else 3),
                  torch_utils_agreement("resnet50", args.threads, seconds=0.5 if args.quick else 3.0,
                                        rounds=1 if args.quick else 3)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from deploycomp.bench import write_json
-
-    write_json(str(out.with_suffix(".json")), raw)
     meta = {"command": "python benchmarks/bench_cpu.py" + (" --quick" if args.quick else "")
                        + f" --threads {args.threads}",
             "minutes": (time.time() - start) / 60, "threads": args.threads, "rounds": rounds,
             "load_start": load_start, "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "timing": f"warmup >= {timing['warmup']} iterations and >= {timing['warmup_ms']:.0f} ms, then >= "
                       f"{timing['iters']} timed iterations and >= {timing['duration_s']} s"}
+    from deploycomp.files import write_json
+
     write_markdown(out, results, agreement, meta)
+    write_json(out.with_suffix(".json"), summary(results, agreement, meta))
     print(json.dumps(agreement, indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')}")
 

@@ -98,13 +98,21 @@ def progress(iterable: Iterable[T], total: int | None = None, description: str =
 
 @contextmanager
 def status_line(description: str):
-    """A spinner for work without a known length; prints the description when not a terminal."""
+    """A spinner for work without a known length; prints the description when not a terminal.
+
+    Yields ``update(text)``, which shows ``description: text`` on a terminal (and nothing elsewhere,
+    so that logs get one line per task, not one per round).
+    """
     if _level < NORMAL:
-        yield
+        yield _ignore
         return
     if not sys.stderr.isatty():
         info(description)
-        yield
+        yield _ignore
         return
-    with _rich_console(stderr=True).status(description):
-        yield
+    with _rich_console(stderr=True).status(description) as status:
+        yield lambda text: status.update(f"{description}: {text}")
+
+
+def _ignore(text: str) -> None:
+    return None

@@ -19,10 +19,11 @@ RECORD_KEYS = {
     "input_shape": list, "precision": str, "io": str, "threads": int, "cuda_graph": bool, "macs": int,
     "params_total": int, "warmup_iterations": int, "warmup_s": float, "iterations": int, "timed_wall_s": float,
     "targets": dict, "latency_ms": dict, "enqueue_ms": dict, "throughput_ips": float, "warnings": list,
-    "environment": dict, "extra": dict,
+    "environment": dict, "extra": dict, "rounds": int, "block_medians_ms": list, "latency_median_ci95_ms": list,
+    "session": str, "conditions": dict,
 }
 NULLABLE_KEYS = ("arch", "provider", "device_ms", "h2d_ms", "d2h_ms", "memory", "reference", "speedup",
-                 "macs_reduction", "speedup_efficiency")
+                 "macs_reduction", "speedup_efficiency", "speedup_ci95", "verdict", "paired")
 ENV_KEYS = ("deploycomp", "python", "os", "cpu_model", "cpu_count", "cpus_usable", "torch", "torchvision",
             "onnxruntime", "tensorrt", "cuda_runtime", "torch_cuda_build", "cudnn", "driver", "device_name",
             "compute_capability", "torch_threads", "time_utc")
@@ -68,16 +69,28 @@ def test_bench_two_models_json_csv_schema(cli, two_models):
         assert set(ENV_KEYS) <= set(r["environment"])
         assert r["reference"] == "base"
         assert set(r["targets"]) == {"warmup_iterations", "warmup_ms", "min_iterations", "max_iterations",
-                                     "duration_s"}
+                                     "duration_s", "rounds", "budget_s"}
+        # --iters 10 alone: exactly 10 iterations, so 10 rounds of one iteration each
+        assert r["iterations"] == 10 and r["rounds"] == 10 and len(r["block_medians_ms"]) == 10
+        low, high = r["latency_median_ci95_ms"]
+        assert low <= r["latency_ms"]["median"] <= high
+        assert {"load_avg_1m_before", "load_avg_1m_after", "other_cpu_pct"} <= set(r["conditions"])
+    assert results[0]["session"] == results[2]["session"] != results[1]["session"]  # one session per batch
     pr = results[2]
     assert pr["macs_reduction"] > 2 and pr["speedup_efficiency"] == pytest.approx(pr["speedup"] / pr["macs_reduction"])
+    assert pr["paired"] is True and pr["verdict"] in ("faster", "same", "slower")
+    assert pr["speedup_ci95"][0] <= pr["speedup"] <= pr["speedup_ci95"][1]
     assert results[0]["speedup"] == 1.0 and results[0]["speedup_efficiency"] == 1.0
+    assert results[0]["verdict"] is None and results[0]["speedup_ci95"] is None  # the reference itself
+    assert "reference_final_block_ms" in results[0]["conditions"]  # timed again after the last round
     assert read_results("out.json") == results
     with open("out.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 4
     assert float(rows[2]["latency_ms_median"]) == pytest.approx(pr["latency_ms"]["median"])
     assert rows[0]["schema_version"] == str(SCHEMA_VERSION) and rows[0]["device_name"]
+    assert rows[2]["verdict"] == pr["verdict"] and float(rows[2]["speedup_ci95_low"]) == pytest.approx(
+        pr["speedup_ci95"][0])
 
 
 def test_bench_json_to_stdout(cli, two_models):

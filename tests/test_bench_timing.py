@@ -68,14 +68,20 @@ def test_statistics_match_numpy():
 def test_statistics_throughput_and_warnings():
     from deploycomp.bench.timing import Timing
 
-    t = Timing(latency_ns=[1_000_000, 3_000_000] * 10, enqueue_ns=[900_000, 2_900_000] * 10, wall_ns=40_000_000,
-               warmup_iters=0, warmup_s=0.0)
+    # 10 rounds of 2 iterations; the machine slows down from round to round (block medians 1.0 ... 1.9 ms)
+    lat = [int(1e6 * (1 + 0.1 * i)) for i in range(10) for _ in range(2)]
+    t = Timing(latency_ns=lat, enqueue_ns=[int(0.95 * x) for x in lat], wall_ns=40_000_000,
+               warmup_iters=0, warmup_s=0.0, block_iters=[2] * 10)
     st = statistics(t, batch=8, asynchronous=True)
     assert st["throughput_ips"] == pytest.approx(8 * 20 / 0.040)
+    assert st["rounds"] == 10 and st["block_medians_ms"] == pytest.approx([1 + 0.1 * i for i in range(10)])
+    assert st["latency_median_ci95_ms"] == pytest.approx([1.1, 1.8])  # order statistics 2 and 9 of 10
     joined = " ".join(st["warnings"])
-    assert "CoV" in joined and "no warmup" in joined and "enqueue" in joined
-    steady = Timing([1_000_000] * 20, [10_000] * 20, 20_000_000, 5, 0.1)
-    assert statistics(steady, batch=1, asynchronous=True)["warnings"] == []
+    assert "only known to within" in joined and "no warmup" in joined and "enqueue" in joined
+    # Per-iteration jitter (CoV 50 %) on steady rounds is not a warning: the median is known precisely.
+    steady = Timing([1_000_000, 3_000_000] * 20, [10_000] * 40, 80_000_000, 5, 0.1, block_iters=[2] * 20)
+    st = statistics(steady, batch=1, asynchronous=True)
+    assert st["latency_ms"]["cov_pct"] > 40 and st["warnings"] == []
 
 
 def test_warmup_is_excluded_from_timed_iterations():

@@ -73,14 +73,31 @@ def test_recipe_file_problems(cli, tmp_path):
 def test_shipped_recipes_validate():
     import yaml
 
-    from deploycomp.pipeline import RECIPES_DIR, Study, _check_mapping, recipe_section
+    from deploycomp.pipeline import RECIPES_DIR, Study, check_recipe
 
     names = sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
     assert {"default.yaml", "ts3.yaml", "kd.yaml", "slimming.yaml", "relevance.yaml"} <= set(names)
     for p in RECIPES_DIR.glob("*.yaml"):  # the schema (values that need the baseline are checked when run)
-        top = _check_mapping(yaml.safe_load(p.read_text()), recipe_section(), "", str(p))
+        top = check_recipe(yaml.safe_load(p.read_text()), str(p))
         assert top.get("description"), p
         assert isinstance(Study("x", top, str(p), ""), Study)
+
+
+def test_recipe_values_are_coerced_and_strict():
+    import yaml
+
+    from deploycomp.pipeline import RecipeError, check_recipe
+
+    top = check_recipe(yaml.safe_load(VALID.replace("batches: [1]", "batches: 8").replace(
+        "ratio: 0.5", "ratio: 5e-1")), "t.yaml")
+    assert top["bench"]["batches"] == (8,) and top["bench"]["backends"] == ("torch", "ort")
+    assert top["variants"][0]["prune"]["ratio"] == 0.5  # PyYAML leaves 5e-1 a string
+    assert "lr" not in top["variants"][0]["prune"]["finetune"]  # only the keys given: None means default
+    for old, new, message in [("epochs: 1", "epochs: yes", "expected an integer, got a boolean true"),
+                              ("epochs: 1", "epochs: 1.0", "expected an integer, got a number 1.0"),
+                              ("simplify: false", "simplify: 0", "expected true or false, got an integer 0")]:
+        with pytest.raises(RecipeError, match=message):
+            check_recipe(yaml.safe_load(VALID.replace(old, new)), "t.yaml")
 
 
 def test_keys_come_from_the_libraries():
@@ -91,8 +108,8 @@ def test_keys_come_from_the_libraries():
     from deploycomp.train import TrainConfig
 
     assert {f.name for f in fields(PruneConfig)} - {"device", "eval_samples", "eval_batch"} <= set(
-        _prune_section().fields)
-    assert {f.name for f in fields(TrainConfig)} - {"device"} <= set(_train_section().fields)
+        _prune_section().model_fields)
+    assert {f.name for f in fields(TrainConfig)} - {"device"} <= set(_train_section().model_fields)
 
 
 def _run_doc(run_dir: Path) -> dict:

@@ -3,11 +3,14 @@
 Library entry point::
 
     from deploycomp.bench import BenchConfig, benchmark
-    results = benchmark(["base.pt", "pruned.pt"], BenchConfig(batches=(1, 8), iters=200))
+    results = benchmark(["base.pt", "pruned.pt"], BenchConfig(batches=(1, 8), rounds=20))
+    results[1]["speedup"], results[1]["speedup_ci95"], results[1]["verdict"]  # 1.8, [1.7, 1.9], "faster"
 
-Each result is a flat-ish dict following the schema in ``docs/bench-schema.md`` (``SCHEMA_VERSION``);
-:func:`write_json` / :func:`write_csv` store a list of them. All timing goes through
-:mod:`deploycomp.bench.timing`; backends live in :mod:`deploycomp.bench.backends`.
+All artifacts are loaded together and timed in interleaved rounds in this process
+(:func:`deploycomp.bench.timing.measure_rounds`), so that every speed-up is paired and comes with a
+95 % interval and a verdict (:mod:`deploycomp.bench.paired`). Each result is a flat-ish dict following
+the schema in ``docs/bench-schema.md`` (``SCHEMA_VERSION``); :func:`write_json` / :func:`write_csv`
+store a list of them. Backends live in :mod:`deploycomp.bench.backends`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from deploycomp import console
 from deploycomp.errors import UsageError, check
 
 SCHEMA = "deploycomp.bench"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: paired rounds (speedup_ci95, verdict, rounds, block medians, conditions)
 IO_MODES = ("device", "host")
 
 
@@ -38,8 +41,12 @@ class BenchConfig:
     batches: tuple[int, ...] = (1,)
     warmup: int | None = None  # warmup iterations (default 5)
     warmup_ms: float | None = None  # minimum warmup time (default 200 ms)
-    iters: int | None = None  # timed iterations (see TimingConfig for how they combine with duration_s)
-    duration_s: float | None = None  # minimum timed duration
+    iters: int | None = None  # timed iterations per artifact (see TimingConfig: how they combine with duration_s)
+    duration_s: float | None = None  # minimum timed duration per artifact
+    rounds: int | None = None  # interleaved rounds (default 20): each times one block of every artifact
+    budget_s: float | None = None  # no new round once the timed rounds took this long (per batch size)
+    margin_pct: float | None = None  # speed-ups within this of 1 are "same" (default 2 %)
+    pin_cores: tuple[int, ...] | None = None  # run on these CPUs only (Linux affinity)
     threads: int | None = None  # intra-op threads of torch / ONNX Runtime (None: library default)
     io: str = "device"  # device: inputs already on the device; host: also time H2D/D2H copies separately
     cuda_graph: bool = False  # torch on CUDA: replay a captured CUDA graph
@@ -57,13 +64,20 @@ class BenchConfig:
             check(isinstance(b, int) and b > 0, f"--batch sizes must be positive integers, got {b!r}")
         check(self.threads is None or self.threads > 0, f"--threads must be positive, got {self.threads}")
         check(self.io in IO_MODES, f"--io must be one of {', '.join(IO_MODES)}, got {self.io!r}")
+        check(self.margin_pct is None or 0 <= self.margin_pct < 100,
+              f"--margin-pct must be in [0, 100), got {self.margin_pct}")
         self.timing().validate()
         return self
 
     def timing(self):
         from deploycomp.bench.timing import TimingConfig
 
-        return TimingConfig(self.warmup, self.warmup_ms, self.iters, self.duration_s)
+        return TimingConfig(self.warmup, self.warmup_ms, self.iters, self.duration_s, self.rounds, self.budget_s)
+
+    def margin(self) -> float:
+        from deploycomp.bench.paired import DEFAULT_MARGIN_PCT
+
+        return DEFAULT_MARGIN_PCT if self.margin_pct is None else self.margin_pct
 
     def runner_options(self):
         from deploycomp.bench.backends import RunnerOptions
@@ -88,12 +102,13 @@ def plan(artifacts: Sequence[str], backend: str = "auto") -> list[tuple[str, str
 
 
 def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig | None = None) -> list[dict]:
-    """Benchmark each artifact at each batch size; results in the order given, compared to the first.
+    """Benchmark the artifacts together at each batch size; results in the order given, compared to the first.
 
     ``artifacts``: checkpoint paths, zoo names, ``.onnx`` files or TensorRT engines (``None``: the
-    shipped baseline). With ``config.memory`` each (artifact, batch) runs in a fresh process.
+    shipped baseline). All are loaded at once and timed in interleaved rounds in this process; the
+    speed-up of each against the first on the same backend and batch is paired round by round. With
+    ``config.memory`` each (artifact, batch) is also run in a fresh process for its memory figures.
     """
-    from deploycomp.bench.memory import run_isolated
     from deploycomp.checkpoint import default_model
 
     config = (config or BenchConfig()).validate()
@@ -101,15 +116,11 @@ def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig 
         artifacts = [default_model()]
     elif isinstance(artifacts, str):
         artifacts = [artifacts]
-    results: list[dict] = []
-    for artifact, backend in plan(list(artifacts), config.backend):
-        job = {"artifact": str(artifact), "backend": backend, "config": _config_dict(config)}
-        if config.memory:
-            for batch in config.batches:
-                results += run_isolated({**job, "config": {**job["config"], "batches": [batch]}})["results"]
-        else:
-            results += run_job(job)["results"]
-    compare(results)
+    pairs = plan(list(artifacts), config.backend)
+    results = run_job({"artifacts": [list(p) for p in pairs], "config": _config_dict(config)})["results"]
+    if config.memory:
+        _attach_memory(results, pairs, config)
+    compare(results, margin_pct=config.margin())
     for r in results:
         for w in r["warnings"]:
             console.warn(f"{r['label']} ({r['backend']}, batch {r['batch']}): {w}")
@@ -120,36 +131,79 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     d["batches"] = list(config.batches)
     d["input_size"] = list(config.input_size) if config.input_size else None
+    d["pin_cores"] = list(config.pin_cores) if config.pin_cores else None
     return d
 
 
+def _attach_memory(results: list[dict], pairs: list[tuple[str, str]], config: BenchConfig) -> None:
+    """Memory of each (artifact, batch), each in a fresh process: peaks are process-wide high-water marks."""
+    from deploycomp.bench.memory import MEMORY_RUN, run_isolated
+
+    by_key = {(r["artifact"], r["backend"], r["batch"]): r for r in results}
+    for artifact, backend in pairs:
+        for batch in config.batches:
+            job = {"artifacts": [[artifact, backend]],
+                   "config": {**_config_dict(config), **MEMORY_RUN, "batches": [batch], "memory": False}}
+            mem = run_isolated(job)["results"][0]["memory"]
+            by_key[(str(artifact), backend, batch)]["memory"] = mem
+
+
+def _job_pairs(job: dict[str, Any]) -> list[tuple[str, str]]:
+    if "artifacts" in job:
+        return [(str(a), b) for a, b in job["artifacts"]]
+    return [(str(job["artifact"]), job["backend"])]  # a one-artifact job (schema of deploycomp <= 0.1)
+
+
 def run_job(job: dict[str, Any], measure_memory: bool = False) -> dict[str, Any]:
-    """Benchmark one artifact with one backend at each of the job's batch sizes (in this process)."""
+    """Load every artifact of the job, then time them together, batch size by batch size (in this process)."""
+    import contextlib
+    import uuid
+
     from deploycomp.bench import env, memory
     from deploycomp.bench.backends import get_backend
-    from deploycomp.bench.timing import measure, statistics
+    from deploycomp.bench.conditions import pin_cores
+    from deploycomp.bench.timing import measure_rounds, statistics
 
-    cfg = BenchConfig(**{**job["config"], "batches": tuple(job["config"]["batches"])})
-    cls = get_backend(job["backend"])
-    cls.preload()
+    cfg = BenchConfig(**{**job["config"], "batches": tuple(job["config"]["batches"]),
+                         "pin_cores": tuple(job["config"]["pin_cores"]) if job["config"].get("pin_cores") else None})
+    pairs = _job_pairs(job)
+    for _, backend in pairs:
+        get_backend(backend).preload()
     baseline = memory.rss_mib() if measure_memory else None
     timing_cfg = cfg.timing()
-    records = []
-    with cls(job["artifact"], cfg.runner_options()) as runner:
+    options = cfg.runner_options()
+    records: list[list[dict]] = [[] for _ in pairs]  # per artifact: results in artifact order, then batch
+    with pin_cores(list(cfg.pin_cores) if cfg.pin_cores else None), contextlib.ExitStack() as stack:
+        if cfg.pin_cores and options.threads is None:
+            options.threads = len(cfg.pin_cores)  # one intra-op thread per pinned core
+        runners = [stack.enter_context(get_backend(backend)(artifact, options)) for artifact, backend in pairs]
         for batch in cfg.batches:
-            desc = runner.describe()
-            with console.status_line(f"benchmarking {desc.get('label')} ({runner.name}, {runner.device}, "
-                                     f"batch {batch})"):
-                runner.prepare(batch)
-                t = measure(runner, timing_cfg, io=cfg.io)
-            stats = statistics(t, batch, asynchronous=runner.asynchronous)
-            mem = memory.collect(runner, baseline) if measure_memory else None
-            records.append(_record(job["artifact"], runner.describe(), cfg, batch, t.targets, stats, mem,
-                                   env.capture(runner.device)))
-    return {"results": records}
+            what = runners[0].describe().get("label") if len(runners) == 1 else f"{len(runners)} models"
+            backends = ", ".join(dict.fromkeys(x.name for x in runners))
+            with console.status_line(f"benchmarking {what} ({backends}, {runners[0].device}, batch {batch})") as show:
+                for x in runners:
+                    x.prepare(batch)
+                timings = measure_rounds(runners, timing_cfg, io=cfg.io, seed=cfg.seed,
+                                         progress=lambda i, n: show(f"round {i}/{n}"))
+            session = uuid.uuid4().hex[:12]
+            for j, (x, t) in enumerate(zip(runners, timings, strict=True)):
+                stats = statistics(t, batch, asynchronous=x.asynchronous)
+                mem = memory.collect(x, baseline) if measure_memory else None
+                records[j].append(_record(pairs[j][0], x.describe(), cfg, batch, t, stats, mem, env.capture(x.device),
+                                          session))
+    return {"results": [r for per_artifact in records for r in per_artifact]}
 
 
-def _record(artifact, desc, cfg: BenchConfig, batch, targets, stats, mem, environment) -> dict[str, Any]:
+def _record(artifact, desc, cfg: BenchConfig, batch, timing, stats, mem, environment, session) -> dict[str, Any]:
+    from deploycomp.bench.paired import relative_drift
+
+    targets = timing.targets
+    conditions = dict(timing.conditions)
+    if timing.final_ns:  # the reference, timed again after the last round
+        first = stats["block_medians_ms"][0]
+        last = float(sorted(timing.final_ns)[len(timing.final_ns) // 2]) / 1e6
+        conditions.update({"reference_first_block_ms": first, "reference_final_block_ms": last,
+                           "drift_pct": 100.0 * relative_drift(first, last)})
     return {
         "schema_version": SCHEMA_VERSION,
         "artifact": str(artifact),
@@ -169,44 +223,100 @@ def _record(artifact, desc, cfg: BenchConfig, batch, targets, stats, mem, enviro
         "warmup_iterations": stats["warmup_iterations"],
         "warmup_s": stats["warmup_s"],
         "iterations": stats["iterations"],
+        "rounds": stats["rounds"],
         "timed_wall_s": stats["timed_wall_s"],
         "targets": {"warmup_iterations": targets["warmup_iters"], "warmup_ms": targets["warmup_ms"],
                     "min_iterations": targets["min_iters"], "max_iterations": targets["max_iters"],
-                    "duration_s": targets["duration_s"]},
+                    "duration_s": targets["duration_s"], "rounds": targets["rounds"], "budget_s": targets["budget_s"]},
         "latency_ms": stats["latency_ms"],
+        "latency_median_ci95_ms": stats["latency_median_ci95_ms"],
+        "block_medians_ms": stats["block_medians_ms"],
         "enqueue_ms": stats["enqueue_ms"],
         "device_ms": stats["device_ms"],
         "h2d_ms": stats["h2d_ms"],
         "d2h_ms": stats["d2h_ms"],
         "throughput_ips": stats["throughput_ips"],
         "memory": mem,
+        "session": session,
         "reference": None,
         "speedup": None,
+        "speedup_ci95": None,
+        "verdict": None,
+        "paired": None,
         "macs_reduction": None,
         "speedup_efficiency": None,
+        "conditions": conditions,
         "warnings": stats["warnings"],
         "environment": environment,
         "extra": {k: v for k, v in desc.items() if k in ("execution_providers", "compile_mode", "tensorrt_version")},
     }
 
 
-def compare(results: list[dict]) -> list[dict]:
-    """Fill speed-up (median latency) against the reference at the same batch size, in place.
+def compare(results: list[dict], margin_pct: float | None = None) -> list[dict]:
+    """Fill the speed-up against the reference at the same batch size, with its interval and verdict, in place.
 
     The reference of a result is the first artifact timed on the same backend and device at the same
     batch (normally the first artifact): a speed-up across backends would mix the backend's speed into
-    the model's. speedup = reference median latency / this median latency; macs_reduction = reference
-    MACs / this MACs; speedup_efficiency = speedup / macs_reduction (1.0: latency fell as much as MACs).
+    the model's. When both were timed in the same interleaved session (``session``) with enough rounds,
+    the speed-up is paired round by round (:func:`deploycomp.bench.paired.paired_speedup`: geometric
+    mean of per-round ratios of block medians, 95 % t interval, verdict); otherwise it is the ratio of
+    the medians, with no interval and no verdict (``paired`` false). macs_reduction = reference MACs /
+    this MACs; speedup_efficiency = speedup / macs_reduction (1.0: latency fell as much as MACs).
     """
+    from deploycomp.bench.conditions import conditions_warning
+    from deploycomp.bench.paired import DEFAULT_MARGIN_PCT, paired_speedup
+
+    margin = DEFAULT_MARGIN_PCT if margin_pct is None else margin_pct
     refs: dict[tuple, dict] = {}
     for r in results:
         ref = refs.setdefault((r["batch"], r["backend"], r.get("device")), r)  # repeated artifacts: first wins
         r["reference"] = ref["label"]
-        r["speedup"] = ref["latency_ms"]["median"] / r["latency_ms"]["median"]
+        paired = (r is not ref and r.get("session") is not None and r.get("session") == ref.get("session")
+                  and len(r.get("block_medians_ms") or []) == len(ref.get("block_medians_ms") or []) > 0)
+        if r is ref:
+            r.update({"speedup": 1.0, "speedup_ci95": None, "verdict": None, "paired": None})
+        elif paired:
+            est = paired_speedup(ref["block_medians_ms"], r["block_medians_ms"], margin_pct=margin)
+            r.update({"speedup": est.speedup, "speedup_ci95": list(est.ci95) if est.ci95 else None,
+                      "verdict": est.verdict, "paired": True})
+            if est.ci95 is None:
+                _warn_once(r, f"only {est.rounds} rounds: too few for an interval and a verdict; use --rounds 5 or "
+                              "more (20 is the default)")
+        else:
+            r.update({"speedup": ref["latency_ms"]["median"] / r["latency_ms"]["median"], "speedup_ci95": None,
+                      "verdict": None, "paired": False})
         if ref.get("macs") and r.get("macs"):
             r["macs_reduction"] = ref["macs"] / r["macs"]
             r["speedup_efficiency"] = r["speedup"] / r["macs_reduction"]
+    sessions: set = set()
+    for r in results:
+        _check_drift(r)
+        if r.get("session") in sessions:
+            continue  # the machine's state is one fact per session: said on its first result
+        sessions.add(r.get("session"))
+        w = conditions_warning(r.get("conditions") or {})
+        if w:
+            _warn_once(r, w)
     return results
+
+
+def _warn_once(r: dict, text: str) -> None:
+    r.setdefault("warnings", [])
+    if text not in r["warnings"]:
+        r["warnings"].append(text)
+
+
+def _check_drift(r: dict) -> None:
+    """A reference whose extra block after the last round lies outside its own interval: the machine drifted."""
+    cond = r.get("conditions") or {}
+    ci = r.get("latency_median_ci95_ms")
+    last = cond.get("reference_final_block_ms")
+    if last is None or not ci or ci[0] <= last <= ci[1]:
+        return
+    _warn_once(r, f"the machine's speed changed during the comparison: {r['label']} took "
+                  f"{cond['reference_first_block_ms']:.3g} ms in the first round and {last:.3g} ms after the last "
+                  f"({cond['drift_pct']:+.0f}%, outside its interval [{ci[0]:.3g}, {ci[1]:.3g}] ms); the paired "
+                  "speed-ups allow for it, the absolute latencies do not: close other work or use --pin-cores")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +333,10 @@ CSV_COLUMNS = (
     "trt_engine_device_memory_mib", "nvml_process_memory_mib",
     "cpu_model", "torch", "onnxruntime", "tensorrt", "cuda_runtime", "cudnn", "driver", "torch_cuda_build", "time_utc",
     "warnings",
+    # schema 2: paired rounds
+    "rounds", "latency_median_ci95_low_ms", "latency_median_ci95_high_ms", "speedup_ci95_low", "speedup_ci95_high",
+    "verdict", "paired", "session", "load_avg_1m_before", "load_avg_1m_after", "other_cpu_pct", "drift_pct",
+    "pinned_cpus",
 )
 
 
@@ -240,6 +354,13 @@ def csv_row(r: dict) -> dict[str, Any]:
         elif k in env and k not in row:
             row[k] = env[k]
     row["warnings"] = " | ".join(r.get("warnings", []))
+    for key, pair in (("latency_median_ci95_{}_ms", r.get("latency_median_ci95_ms")),
+                      ("speedup_ci95_{}", r.get("speedup_ci95"))):
+        row[key.format("low")], row[key.format("high")] = pair if pair else (None, None)
+    cond = r.get("conditions") or {}
+    for k in ("load_avg_1m_before", "load_avg_1m_after", "other_cpu_pct", "drift_pct"):
+        row[k] = cond.get(k)
+    row["pinned_cpus"] = ",".join(map(str, cond["pinned_cpus"])) if cond.get("pinned_cpus") else None
     return {k: row.get(k) for k in CSV_COLUMNS}
 
 
@@ -294,18 +415,21 @@ def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, li
 
     Kept narrow (seven columns each) so they stay readable in an 80-column terminal or a CI log.
     """
+    from deploycomp.bench.paired import fmt_interval, fmt_speedup
+
     def name(r):
         return r["label"], r["backend"] + (f"/{r['provider']}" if r.get("provider") else ""), r["batch"]
 
-    out = [("latency in ms (run + sync, inputs on the device)",
-            ["model", "backend", "batch", "median", "p99", "CoV %", "img/s"],
-            [[*name(r), r["latency_ms"]["median"], r["latency_ms"]["p99"], round(r["latency_ms"]["cov_pct"], 2),
-              r["throughput_ips"]] for r in results])]
+    out = [("latency in ms (run + sync, inputs on the device); median with its 95% interval over rounds",
+            ["model", "backend", "batch", "median [95% interval]", "p99", "rounds", "img/s"],
+            [[*name(r), fmt_interval(r["latency_ms"]["median"], r.get("latency_median_ci95_ms")),
+              r["latency_ms"]["p99"], r.get("rounds"), r["throughput_ips"]] for r in results])]
     if len({r["artifact"] for r in results}) > 1:
-        out.append(("compared with the first model timed on the same backend and batch (speed-up of the median "
-                    "latency; efficiency = speed-up / MACs reduction)",
-                    ["model", "backend", "batch", "GMACs", "MACs red.", "speed-up", "efficiency"],
-                    [[*name(r), r["macs"] / 1e9 if r.get("macs") else None, r["macs_reduction"], r["speedup"],
+        out.append(("compared with the first model on the same backend and batch, timed in alternation: "
+                    "speed-up [95% interval] and verdict; efficiency = speed-up / MACs reduction",
+                    ["model", "backend", "batch", "MACs red.", "speed-up [95% interval]", "verdict", "efficiency"],
+                    [[*name(r), r["macs_reduction"], fmt_speedup(r["speedup"], r.get("speedup_ci95")),
+                      r.get("verdict") or ("reference" if r.get("paired") is None else "-"),
                       r["speedup_efficiency"]] for r in results]))
     if with_memory:
         keys = ("host_peak_rss_mib", "host_peak_rss_delta_mib", "torch_peak_reserved_mib",
@@ -327,6 +451,14 @@ def describe_environment(results: list[dict]) -> str:
     parts += [f"{k} {e[k]}" for k in ("onnxruntime", "tensorrt", "cuda_runtime", "cudnn", "driver") if e.get(k)]
     its = sorted(x["iterations"] for x in results)
     timed = f"{its[0]}" if its[0] == its[-1] else f"{its[0]}-{its[-1]}"
+    rounds = r.get("rounds") or 1
     parts.append(f"warmup >= {r['targets']['warmup_iterations']} iterations and {r['targets']['warmup_ms']:.0f} ms; "
-                 f"{timed} timed iterations")
+                 f"{timed} timed iterations in {rounds} round{'s' if rounds > 1 else ''}")
+    cond = r.get("conditions") or {}
+    if cond.get("load_avg_1m_before") is not None:
+        parts.append(f"load average {cond['load_avg_1m_before']} before, {cond.get('load_avg_1m_after')} after")
+    if cond.get("other_cpu_pct") is not None:
+        parts.append(f"other processes used {cond['other_cpu_pct']:.0f}% of the CPUs while timing")
+    if cond.get("pinned_cpus"):
+        parts.append(f"pinned to CPUs {','.join(map(str, cond['pinned_cpus']))}")
     return "; ".join(parts)

@@ -186,7 +186,10 @@ class TorchRunner(Runner):
         self._threads_before = torch.get_num_threads()
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
-        ckpt = load_model(self.artifact, input_size=self.options.input_size)
+        # Another torch runner may already be active (interleaved comparisons load every artifact first)
+        # and have inference mode on; replaying a pruning history needs autograd, so load outside it.
+        with torch.inference_mode(False), torch.enable_grad():
+            ckpt = load_model(self.artifact, input_size=self.options.input_size)
         shape = tuple(ckpt.input_shape)
         if self.options.input_size and ckpt.source:  # a checkpoint keeps its channels, takes the new size
             shape = (shape[0], *self.options.input_size)

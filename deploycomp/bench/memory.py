@@ -2,8 +2,9 @@
 
 Peaks are process-wide high-water marks (``ru_maxrss``, torch's peak allocator stats), so two
 backends measured in one process would contaminate each other. With ``--memory`` every
-(artifact, batch) is therefore benchmarked in its own ``python -m deploycomp.bench.memory`` child,
-which reports back through a JSON file.
+(artifact, batch) therefore also runs in its own ``python -m deploycomp.bench.memory`` child (a short
+run: :data:`MEMORY_RUN`), which reports its memory back through a JSON file; the latencies and
+speed-ups still come from the interleaved rounds of the parent process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from deploycomp.errors import DeploycompError
 
+MEMORY_RUN = {"rounds": 1, "iters": 20, "duration_s": None}  # timing options of a memory-only child run
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -96,7 +98,8 @@ def run_isolated(job: dict[str, Any]) -> dict[str, Any]:
                 raise err
             return result
         tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr else []
-        raise DeploycompError(f"the benchmark process for {job['artifact']} died (exit code {proc.returncode})"
+        what = job["artifacts"][0][0] if "artifacts" in job else job.get("artifact")
+        raise DeploycompError(f"the benchmark process for {what} died (exit code {proc.returncode})"
                               f"{': ' + tail[0] if tail else ''}")
 
 

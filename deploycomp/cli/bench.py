@@ -32,9 +32,20 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--warmup-ms", type=float, default=None, metavar="MS",
               help="Minimum warmup time in ms (default 200); with --warmup, both must be reached.")
 @click.option("--iters", type=int, default=None, metavar="N",
-              help="Timed iterations. Alone: exactly N; with --duration-s: at least N.")
+              help="Timed iterations per model, over all rounds. Alone: exactly N; with --duration-s: at least N.")
 @click.option("--duration-s", type=float, default=None, metavar="S",
-              help="Minimum timed duration in seconds. Default (neither given): >= 10 iterations and >= 1 s.")
+              help="Minimum timed seconds per model, over all rounds. Default (neither given): >= 10 iterations "
+                   "and >= 1 s.")
+@click.option("--rounds", type=int, default=None, metavar="N",
+              help="Interleaved rounds (default 20): each round times a short block of every model, in an order "
+                   "that changes between rounds, so speed-ups are paired round by round. 1: one after another.")
+@click.option("--budget-s", type=float, default=None, metavar="S",
+              help="Start no new round once the timed rounds of a batch size took S seconds (default: no limit).")
+@click.option("--margin-pct", type=float, default=None, metavar="PCT",
+              help="Speed-ups within PCT % of 1 are 'same' even when significant (default 2).")
+@click.option("--pin-cores", default=None, metavar="CPUS",
+              help="Run on these CPUs only, e.g. 1 or 0,1 or 2-3 (Linux); sets --threads to their number "
+                   "unless given.")
 @click.option("--threads", type=int, default=None, metavar="N",
               help="Intra-op threads (torch.set_num_threads / ORT intra_op_num_threads).")
 @click.option("--io", type=click.Choice(["device", "host"]), default="device", show_default=True,
@@ -51,19 +62,24 @@ def bench(opts: dict) -> None:
     """Time models properly: warmup, synchronised iterations, statistics, environment.
 
     ARTIFACT is a checkpoint, a zoo model name, an .onnx file or a TensorRT engine (default: the shipped
-    baseline). Several artifacts give a comparison against the first: speed-up of the median latency and,
-    when MACs are known for both, speed-up efficiency = speed-up / MACs reduction. Latency excludes
-    host<->device copies unless --io host (which times them separately).
+    baseline). All are loaded together and timed in interleaved rounds, so the machine's drift lands on
+    every model alike. Several artifacts give a comparison against the first on the same backend and
+    batch: the speed-up (geometric mean of per-round ratios of block medians) with its 95 % interval and a
+    verdict (faster / slower / same), and, when MACs are known for both, speed-up efficiency = speed-up /
+    MACs reduction. Latency excludes host<->device copies unless --io host (which times them separately).
     """
     from deploycomp import console
     from deploycomp.bench import BenchConfig, benchmark, describe_environment, tables, write_csv, write_json
+    from deploycomp.bench.conditions import parse_cpu_list
     from deploycomp.info import parse_size
 
     config = BenchConfig(backend=opts["backend"], device=opts["device"], provider=opts["provider"],
                          batches=_batches(opts["batch"]), warmup=opts["warmup"], warmup_ms=opts["warmup_ms"],
                          iters=opts["iters"], duration_s=opts["duration_s"], threads=opts["threads"], io=opts["io"],
                          cuda_graph=opts["cuda_graph"], memory=opts["memory"],
-                         input_size=parse_size(opts["input_size"]))
+                         input_size=parse_size(opts["input_size"]), rounds=opts["rounds"], budget_s=opts["budget_s"],
+                         margin_pct=opts["margin_pct"],
+                         pin_cores=tuple(parse_cpu_list(opts["pin_cores"])) if opts["pin_cores"] else None)
     results = benchmark(list(opts["artifacts"]) or None, config)
     if opts["json_file"]:
         write_json(opts["json_file"], results)

@@ -1,0 +1,206 @@
+"""Planning: a study of a recipe -> its stage graph (the original branch first, then every variant).
+
+Each branch is a row of the report: its compression steps, then evaluate, export, quantize (one stage
+per precision), build (one engine per ONNX when TensorRT is present) and bench (one stage per artifact
+and backend of the artifact's family).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploycomp.pipeline.configs import _given
+from deploycomp.pipeline.recipe import ORIGINAL, Study, resolve_model_ref
+from deploycomp.pipeline.schema import VARIANT_STEPS
+from deploycomp.pipeline.stages import Stage
+
+
+@dataclass
+class Branch:
+    """One row of the report: a variant's model stage and what hangs off it."""
+
+    name: str
+    description: str
+    model: Stage
+    steps: list[Stage]  # the compression stages from the original (empty for the original)
+    evaluate: Stage | None = None
+    export: Stage | None = None
+    quantize: dict[str, Stage] = field(default_factory=dict)  # precision -> stage
+    build: dict[str, Stage] = field(default_factory=dict)  # precision -> stage
+    bench: list[tuple[str, str, Stage]] = field(default_factory=list)  # (precision, backend, stage)
+
+    def stages(self) -> list[Stage]:
+        out = [*self.steps, self.evaluate, self.export, *self.quantize.values(), *self.build.values(),
+               *(s for _, _, s in self.bench)]
+        return [s for s in out if s is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "model": self.model.id,
+                "steps": [s.id for s in self.steps], "evaluate": self.evaluate.id if self.evaluate else None,
+                "export": self.export.id if self.export else None,
+                "quantize": {k: s.id for k, s in self.quantize.items()},
+                "build": {k: s.id for k, s in self.build.items()},
+                "bench": [{"precision": p, "backend": b, "stage": s.id, "source": s.parent.kind,
+                           "source_stage": s.parent.id} for p, b, s in self.bench]}
+
+
+@dataclass
+class StudyPlan:
+    study: Study
+    root: Stage
+    branches: list[Branch]
+    device: str | None
+    data_dir: str | None
+    notes: list[str]
+    data_name: str | None = None  # the dataset the load stage settled on (the model's, unless the recipe says)
+    data_size: tuple[int, int] | None = None  # (H, W) the model takes
+    _data: Any = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.study.options
+
+    def dataset(self, need_train: bool = False):
+        """The study's dataset (test split; train split when asked), loaded once."""
+        from deploycomp.data import load_dataset
+        from deploycomp.inputs import Data
+
+        if self._data is None:
+            test, info = load_dataset(self.data_name, "test", self.data_dir, input_size=self.data_size)
+            self._data = Data(info, test)
+        if need_train and self._data.train is None:
+            self._data.train = load_dataset(self.data_name, "train", self.data_dir, input_size=self.data_size)[0]
+        return self._data
+
+    def use_data(self, ds) -> None:
+        """Take the dataset the load stage resolved (``ds``: an inputs.Data)."""
+        self._data = ds
+        self.set_data(ds.info.as_dict())
+
+    def set_data(self, info: dict[str, Any]) -> None:
+        self.data_name, self.data_size = info["dataset"], tuple(info["input_shape"][1:])
+
+    def data_info(self):
+        return self.dataset().info
+
+    def stages(self) -> list[Stage]:
+        seen, out = set(), []
+        for s in [self.root, *(x for b in self.branches for x in b.stages())]:
+            if s.key not in seen:
+                seen.add(s.key)
+                out.append(s)
+        return out
+
+
+def _file_identity(ref: str) -> str:
+    from deploycomp.files import sha256
+
+    return f"sha256:{sha256(ref)}" if Path(ref).is_file() else ref
+
+
+def plan_study(study: Study, base_dir: Path, tensorrt: bool) -> StudyPlan:
+    """The stage graph of one study: the original branch first, then every variant."""
+    o = study.options
+    d = o.get("data") or {}
+    model = resolve_model_ref(o.get("model"), base_dir)
+    data_dir = d.get("dir")
+    if data_dir and not Path(data_dir).is_absolute() and (base_dir / data_dir).exists():
+        data_dir = str((base_dir / data_dir).resolve())
+    notes: list[str] = []
+    root = Stage("load", {"model": Path(model).name if Path(model).is_file() else model, "data": d.get("name"),
+                          "input_size": d.get("input_size")},
+                 None, f"{study.name}/{ORIGINAL}: load", {"model": _file_identity(model)},
+                 {"model_path": model, "data_dir": data_dir})  # the file's hash is the identity, not its path
+    original_model = root
+    if o.get("train"):
+        original_model = Stage("train", dict(o["train"]), root, f"{study.name}/{ORIGINAL}: train")
+    eval_opts = {"eval_samples": d.get("eval_samples"), "eval_batch": d.get("eval_batch")}
+    device = o.get("device")
+    branches = [Branch(ORIGINAL, "the model as given" if not o.get("train") else "the trained baseline",
+                       original_model, [original_model] if original_model is not root else [])]
+    for v in study.variants:
+        parent, steps = original_model, []
+        for kind in VARIANT_STEPS:
+            if not v.get(kind):
+                continue
+            opts = dict(v[kind])
+            inputs = {}
+            if kind == "distill":
+                teacher = opts.get("teacher", "parent")
+                inputs["teacher_stage"] = (original_model if teacher in ("original",) else parent).id
+                opts.setdefault("teacher", "parent")
+            if kind == "prune":
+                if opts.get("distill_from") in ("original", "parent"):
+                    t = original_model if opts["distill_from"] == "original" else parent
+                    inputs["teacher_stage"] = t.id
+                elif opts.get("distill_from"):
+                    ref = resolve_model_ref(opts["distill_from"], base_dir)
+                    opts["distill_from"] = ref
+                    inputs["teacher"] = _file_identity(ref)
+                opts.update({k: val for k, val in eval_opts.items() if val is not None})
+            parent = Stage(kind, opts, parent, f"{study.name}/{v['name']}: {kind}", inputs)
+            steps.append(parent)
+        branches.append(Branch(v["name"], v.get("description") or describe_steps(v), parent, steps))
+    for b in branches:
+        b.evaluate = Stage("evaluate", eval_opts, b.model, f"{study.name}/{b.name}: evaluate")
+        _plan_deploy(b, o, study, tensorrt, eval_opts, notes)
+    if not tensorrt and (o.get("build") or {}).get("enabled", True) and o.get("build") is not None:
+        notes.append("TensorRT is not installed here: no engines were built and the trt backend was not measured")
+    return StudyPlan(study, root, branches, device, data_dir, notes)
+
+
+def _plan_deploy(b: Branch, o: dict, study: Study, tensorrt: bool, eval_opts: dict, notes: list[str]) -> None:
+    label = f"{study.name}/{b.name}"
+    bench = o.get("bench")
+    backends = list((bench or {}).get("backends") or ("torch", "ort"))
+    bench_opts = _given(bench, ("backends",)) if bench is not None else None
+    artifacts: list[tuple[str, Stage]] = [("fp32", b.model)]
+    if o.get("export") is not None:
+        b.export = Stage("export", _given(o["export"]), b.model, f"{label}: export")
+        artifacts.append(("fp32", b.export))
+        q = o.get("quantize")
+        for prec in (q or {}).get("precisions") or ():
+            qopts = {**_given(q, ("precisions",)), "precision": prec, "eval_samples": eval_opts["eval_samples"]}
+            b.quantize[prec] = Stage("quantize", qopts, b.export, f"{label}: quantize {prec}")
+            artifacts.append((prec, b.quantize[prec]))
+        build = o.get("build")
+        if tensorrt and build is not None and build.get("enabled", True):
+            for prec, src in [("fp32", b.export), *b.quantize.items()]:
+                b.build[prec] = Stage("build", _given(build, ("enabled",)), src, f"{label}: build {prec}")
+                artifacts.append((prec, b.build[prec]))
+    if bench_opts is None:
+        return
+    from deploycomp.bench.backends import get_backend
+
+    for prec, stage in artifacts:
+        natural = {"export": "ort", "quantize": "ort", "build": "trt"}.get(stage.kind, "torch")
+        for backend in backends:
+            if get_backend(backend).family != get_backend(natural).family:
+                continue
+            opts = {**bench_opts, "backend": backend}
+            b.bench.append((prec, backend, Stage("bench", opts, stage, f"{label}: bench {backend} {prec}")))
+
+
+def describe_steps(v: dict[str, Any]) -> str:
+    """A short human description of a variant's steps, e.g. ``train (sparsity 1e-4) -> prune slimming 0.5``."""
+    parts = []
+    t = v.get("train")
+    if t:
+        extra = [f"sparsity {t['sparsity']:g}" if t.get("sparsity") is not None else "",
+                 f"from scratch: {t['model']}" if t.get("model") else "",
+                 f"{t['epochs']} ep" if t.get("epochs") else ""]
+        parts.append("train" + (f" ({', '.join(x for x in extra if x)})" if any(extra) else ""))
+    dd = v.get("distill")
+    if dd:
+        parts.append(f"distill into {dd['student']}")
+    p = v.get("prune")
+    if p:
+        amount = f"{p['ratio']:g}" if p.get("ratio") is not None else (
+            f"{p['target_macs_g']:g} GMACs" if p.get("target_macs_g") else f"{p.get('target_speedup')}x")
+        ft = p.get("finetune", {}) or {}
+        ft_text = "no fine-tune" if "finetune" in p and p["finetune"] is None else \
+            f"fine-tune {ft.get('epochs', 1)} ep"
+        parts.append(f"prune {p.get('method', 'magnitude')} {amount}, {ft_text}")
+    return " -> ".join(parts)

@@ -1,0 +1,287 @@
+"""Pipeline stages: the :data:`STAGES` registry, the stage graph node and one function per stage kind.
+
+A stage is identified by a hash of its kind, its options, its parent stage's hash, its other inputs and
+the deploycomp version (:attr:`Stage.key`); the runner stores its artifact and record under
+``RUN_DIR/stages/<kind>-<key>/``. Adding a stage kind: a function taking a :class:`StageRun`, writing
+its artifact into ``run.dir`` and returning its record, decorated with :func:`register_stage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deploycomp import __version__, console
+from deploycomp.errors import UsageError
+from deploycomp.pipeline.configs import _distill_params, _given, bench_config, prune_config, train_config
+from deploycomp.registry import Registry
+
+if TYPE_CHECKING:
+    from deploycomp.pipeline.plan import StudyPlan
+    from deploycomp.pipeline.run import PipelineRun
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    run: Callable[..., dict[str, Any]]  # (StageRun) -> record; writes the artifact into run.dir
+    artifact: str | None  # file name of the artifact inside the stage directory (None: the record only)
+    produces_model: bool = False  # a checkpoint later stages continue from
+
+
+STAGES: Registry[StageKind] = Registry("pipeline stage")
+
+
+def register_stage(name: str, artifact: str | None, produces_model: bool = False):
+    def wrap(fn):
+        STAGES.register(name, StageKind(name, fn, artifact, produces_model))
+        return fn
+
+    return wrap
+
+
+@dataclass
+class Stage:
+    """One node of the stage graph."""
+
+    kind: str
+    options: dict[str, Any]  # what the stage does (JSON-able; part of the key)
+    parent: Stage | None
+    label: str  # "magnitude-30: prune" in progress lines
+    inputs: dict[str, str] = field(default_factory=dict)  # other inputs by identity (file hashes, stage keys)
+    local: dict[str, Any] = field(default_factory=dict)  # facts of this machine that are not identity (paths)
+    key: str = ""
+
+    def __post_init__(self):
+        ident = {"kind": self.kind, "options": self.options, "parent": self.parent.key if self.parent else None,
+                 "inputs": self.inputs, "deploycomp": __version__}
+        blob = json.dumps(ident, sort_keys=True, default=str)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-{self.key}"
+
+
+@dataclass
+class StageRun:
+    """What a stage function gets: its node, its directory, the study's data and the parent's outputs."""
+
+    stage: Stage
+    dir: Path
+    runner: PipelineRun
+    study: StudyPlan
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.stage.options
+
+    def parent_artifact(self) -> Path:
+        return self.runner.artifact_of(self.stage.parent)
+
+    def parent_record(self) -> dict[str, Any]:
+        return self.runner.record_of(self.stage.parent)
+
+    def load_parent_checkpoint(self):
+        from deploycomp.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.parent_artifact())
+
+    def data(self, need_train: bool = False):
+        return self.study.dataset(need_train)
+
+
+def _save_model(ckpt, run: StageRun) -> Path:
+    out = run.dir / MODEL_FILE
+    ckpt.save(out)
+    return out
+
+
+@register_stage("load", MODEL_FILE, produces_model=True)
+def _stage_load(run: StageRun) -> dict[str, Any]:
+    """The original model, with the dataset's metadata, saved into the run (every size compares like with like)."""
+    from deploycomp.inputs import load_inputs
+    from deploycomp.metrics import model_metrics
+
+    o = run.options
+    ckpt, ds = load_inputs(run.stage.local["model_path"], data=o.get("data"), data_dir=run.stage.local["data_dir"],
+                           need_train=False, input_size=tuple(o["input_size"]) if o.get("input_size") else None)
+    run.study.use_data(ds)
+    ckpt.source = None  # a copy inside the run: its lineage continues from here
+    _save_model(ckpt, run)
+    return {"model": o["model"], "arch": ckpt.arch, "dataset": ds.info.as_dict(),
+            **model_metrics(ckpt.model, ckpt.input_shape)}
+
+
+def _fresh_model(name: str, run: StageRun):
+    from deploycomp.checkpoint import load_model
+
+    info = run.study.data_info()
+    ckpt = load_model(name, num_classes=info.num_classes, in_channels=info.input_shape[0],
+                      input_size=tuple(info.input_shape[1:]))
+    for k, v in info.as_dict().items():
+        ckpt.metadata.setdefault(k, v)
+    ckpt.metadata["input_shape"] = list(info.input_shape)
+    return ckpt
+
+
+def _fit_stage(run: StageRun, ckpt, config, *, loss_fn=None, penalties=(), op: str, lineage: dict) -> dict:
+    """Train ``ckpt.model`` with the one shared ``fit()``; resumable from the stage directory."""
+    from deploycomp.train import fit
+
+    ds = run.data(need_train=True)
+    resume_path = run.dir / "train.resume.pt"
+    result = fit(ckpt.model, ds.train, None, config, loss_fn=loss_fn, penalties=penalties,
+                 resume_path=resume_path, resume=resume_path.exists())
+    params = {"dataset": ds.info.name, **dataclasses.asdict(config), **lineage}
+    ckpt.add_lineage(op, **params)
+    _save_model(ckpt, run)
+    return {"command": op, "params": params, "history": result.history, "train_seconds": result.seconds,
+            "synthetic": ds.info.synthetic}
+
+
+@register_stage("train", MODEL_FILE, produces_model=True)
+def _stage_train(run: StageRun) -> dict[str, Any]:
+    """Train the previous model (or a fresh zoo model): plain, sparse (slimming), stochastic depth, frozen."""
+    o = run.options
+    ckpt = _fresh_model(o["model"], run) if o.get("model") else run.load_parent_checkpoint()
+    ckpt.source = None
+    penalties, lineage = [], {}
+    if o.get("sparsity") is not None:
+        from deploycomp.prune.slimming import bn_sparsity_penalty
+
+        penalties.append(bn_sparsity_penalty(o["sparsity"]))
+        lineage["sparsity"] = o["sparsity"]
+    if o.get("stochastic_depth") is not None or o.get("freeze") is not None:
+        from deploycomp.distill import training_setup
+
+        prepare, extra = training_setup(o.get("stochastic_depth"), o.get("freeze"))
+        lineage.update(extra)
+        prepare(ckpt, run.data())
+    if o.get("model"):
+        lineage["from_scratch"] = o["model"]
+    config = train_config(o, run.study.device)
+    console.info(f"{run.stage.label}: training for {config.epochs} epoch(s)"
+                 + (f", sparsity lambda {o['sparsity']:g}" if o.get("sparsity") is not None else ""))
+    return _fit_stage(run, ckpt, config, penalties=penalties, op="train", lineage=lineage)
+
+
+@register_stage("distill", MODEL_FILE, produces_model=True)
+def _stage_distill(run: StageRun) -> dict[str, Any]:
+    """Knowledge distillation: the student learns from the teacher's soft targets and the labels."""
+    from deploycomp.checkpoint import load_checkpoint
+    from deploycomp.distill import kd_loss
+
+    o = run.options
+    teacher = load_checkpoint(run.runner.artifact_of_key(run.stage.inputs["teacher_stage"]))
+    student = run.load_parent_checkpoint() if o["student"] == "parent" else _fresh_model(o["student"], run)
+    student.source = None
+    if teacher.num_classes is not None and student.num_classes is not None and \
+            teacher.num_classes != student.num_classes:
+        raise UsageError(f"{run.stage.label}: the teacher predicts {teacher.num_classes} classes but the student "
+                         f"{o['student']} predicts {student.num_classes}; they must predict the same classes")
+    kd = _distill_params(o)
+    config = train_config(o.get("train"), run.study.device)
+    if "optimizer" not in (o.get("train") or {}):
+        config.optimizer = "adam"  # the KD report's setting, as `deploycomp distill` defaults to
+    console.info(f"{run.stage.label}: distilling {teacher.arch} into {student.arch} (T {kd['temperature']}, "
+                 f"alpha {kd['alpha']}, lambda {kd['lam']}) for {config.epochs} epoch(s)")
+    lineage = {"teacher_arch": teacher.arch, "temperature": kd["temperature"], "alpha": kd["alpha"],
+               "lambda": kd["lam"]}
+    return _fit_stage(run, student, config, loss_fn=kd_loss(teacher.model.eval(), **kd), op="distill",
+                      lineage=lineage)
+
+
+@register_stage("prune", MODEL_FILE, produces_model=True)
+def _stage_prune(run: StageRun) -> dict[str, Any]:
+    """Structured pruning (any registered criterion, depth included) and its fine-tuning."""
+    from deploycomp.prune import prune_checkpoint
+
+    o = dict(run.options)
+    if o.get("distill_from") in ("original", "parent"):
+        o["distill_from"] = str(run.runner.artifact_of_key(run.stage.inputs["teacher_stage"]))
+    d = run.study.options.get("data") or {}
+    cfg = prune_config(o, run.study.device, d.get("eval_samples"), d.get("eval_batch"))
+    ckpt = run.load_parent_checkpoint()
+    what = f"ratio {cfg.ratio}" if cfg.ratio is not None else "target"
+    console.info(f"{run.stage.label}: pruning with {cfg.method} ({what}), fine-tuning {cfg.finetune_epochs} epoch(s)")
+    pruned, record = prune_checkpoint(ckpt, run.data(need_train=True), cfg)
+    pruned.source = None
+    _save_model(pruned, run)
+    return record
+
+
+@register_stage("evaluate", None)
+def _stage_evaluate(run: StageRun) -> dict[str, Any]:
+    """Top-1 of the saved checkpoint, reloaded from disk, on the study's evaluation subset; size and MACs."""
+    from deploycomp.files import file_size_mib
+    from deploycomp.metrics import model_metrics
+    from deploycomp.train import evaluate
+
+    o = run.options
+    ckpt = run.load_parent_checkpoint()
+    ds = run.data()
+    acc = evaluate(ckpt.model, ds.test, o.get("eval_batch") or 256, run.study.device, samples=o.get("eval_samples"),
+                   description=f"{run.stage.label}: eval")
+    console.info(f"{run.stage.label}: top-1 {acc['top1_pct']:.2f}% on {acc['samples']:,} test images")
+    return {"test": acc, "dataset": ds.info.name, "synthetic": ds.info.synthetic,
+            "checkpoint_size_mib": file_size_mib(run.parent_artifact()), "lineage": ckpt.metadata.get("lineage", []),
+            **model_metrics(ckpt.model, ckpt.input_shape)}
+
+
+@register_stage("export", "model.onnx")
+def _stage_export(run: StageRun) -> dict[str, Any]:
+    """ONNX export with the checker and the ONNX Runtime parity check."""
+    from deploycomp.export import export_onnx
+
+    ckpt = run.load_parent_checkpoint()
+    ds = run.data()
+    o = _given(run.options)
+    if "input_size" in o:
+        o["input_size"] = tuple(o["input_size"])
+    console.info(f"{run.stage.label}: exporting to ONNX")
+    return export_onnx(ckpt, run.dir / "model.onnx", data=ds.info.name, data_dir=run.study.data_dir,
+                       dataset=ds.test, **o)
+
+
+@register_stage("quantize", "model.quant.onnx")
+def _stage_quantize(run: StageRun) -> dict[str, Any]:
+    """FP16 / INT8 (Q/DQ) ONNX with its accuracy against the FP32 ONNX on the evaluation subset."""
+    from deploycomp.quantize import quantize_onnx
+
+    o = _given(run.options, ("eval_samples",))
+    console.info(f"{run.stage.label}: quantizing to {o['precision']}")
+    ds = run.data()
+    return quantize_onnx(run.parent_artifact(), run.dir / "model.quant.onnx", data=ds.info.name,
+                         data_dir=run.study.data_dir, eval_samples=run.options.get("eval_samples"), **o)
+
+
+@register_stage("build", "model.engine")
+def _stage_build(run: StageRun) -> dict[str, Any]:
+    """A TensorRT engine from the ONNX (only planned when TensorRT is installed)."""
+    from deploycomp.trt import build_engine
+
+    ds = run.data()
+    console.info(f"{run.stage.label}: building a TensorRT engine")
+    return build_engine(run.parent_artifact(), run.dir / "model.engine", data=ds.info.name,
+                        data_dir=run.study.data_dir, **_given(run.options, ("enabled",)))
+
+
+@register_stage("bench", "bench.json")
+def _stage_bench(run: StageRun) -> dict[str, Any]:
+    """Latency and throughput of the parent's artifact with one backend at every batch size."""
+    from deploycomp import bench
+
+    o = run.options
+    cfg = bench_config(o, o["backend"], run.study.device)
+    console.info(f"{run.stage.label}: benchmarking ({o['backend']}, batch {', '.join(map(str, cfg.batches))})")
+    results = bench.benchmark([str(run.parent_artifact())], cfg)
+    bench.write_json(str(run.dir / "bench.json"), results)
+    return {"backend": o["backend"], "results": results}

@@ -1,0 +1,230 @@
+"""Paired comparisons on a simulated machine: interleaved rounds, intervals and verdicts.
+
+The fake runners below do no work: each ``run()`` advances a virtual clock (patched into
+``time.perf_counter_ns``) by the runner's latency times the machine's current slowness times noise.
+So a trial of 20 rounds costs microseconds, and the machine can drift exactly as a shared CPU does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from deploycomp.bench import compare as compare_results
+from deploycomp.bench.paired import (
+    median_interval,
+    paired_speedup,
+    t_quantile,
+    verdict,
+)
+from deploycomp.bench.timing import TimingConfig, measure_rounds, round_orders, statistics
+
+
+class Machine:
+    """A virtual clock and a machine whose speed drifts: ``slowness(t)`` multiplies every latency.
+
+    ``drift``: total change of log-slowness over ``horizon_s`` (a ramp in a random direction plus a random
+    walk); ``noise``: lognormal sigma per iteration; ``spikes``: share of iterations hit 3x (interrupts).
+    """
+
+    def __init__(self, seed: int, drift: float = 0.4, noise: float = 0.15, spikes: float = 0.05,
+                 horizon_s: float = 2.0, ramp: float | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.now = 1_000_000_000
+        self.start = self.now
+        self.horizon_ns = horizon_s * 1e9
+        self.ramp = ramp if ramp is not None else drift * self.rng.choice([-1.0, 1.0])
+        self.walk_sd = drift / 3
+        self.walk = 0.0
+        self.noise, self.spikes = noise, spikes
+
+    def clock(self) -> int:
+        return self.now
+
+    def slowness(self) -> float:
+        frac = (self.now - self.start) / self.horizon_ns
+        self.walk += self.rng.normal(0, self.walk_sd * 0.01)
+        return math.exp(self.ramp * frac + self.walk)
+
+    def work(self, latency_s: float) -> None:
+        t = latency_s * self.slowness() * self.rng.lognormal(0, self.noise)
+        if self.rng.random() < self.spikes:
+            t *= 3
+        self.now += int(t * 1e9)
+
+
+class FakeRunner:
+    stream = None
+    asynchronous = False
+
+    def __init__(self, machine: Machine, latency_s: float):
+        self.machine, self.latency_s = machine, latency_s
+
+    def run(self):
+        self.machine.work(self.latency_s)
+
+    def sync(self):
+        pass
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    """Install a machine's clock as time.perf_counter_ns for the harness."""
+
+    def install(machine: Machine):
+        monkeypatch.setattr(time, "perf_counter_ns", machine.clock)
+
+    return install
+
+
+# 50 ms of (virtual) time per artifact per round, 20 rounds: the defaults of `deploycomp bench`
+DEFAULT = TimingConfig(warmup_iters=5, warmup_ms=0)
+
+
+def timed_pair(machine: Machine, latency_a: float, latency_b: float, config: TimingConfig = DEFAULT):
+    """Time A and B interleaved and return B's paired result against A (the way `bench` does)."""
+    ta, tb = measure_rounds([FakeRunner(machine, latency_a), FakeRunner(machine, latency_b)], config)
+    rows = [_row("A", ta), _row("B", tb)]
+    compare_results(rows)
+    return rows[1]
+
+
+def _row(label, t):
+    st = statistics(t, batch=1)
+    return {"label": label, "artifact": label, "backend": "fake", "device": "cpu", "batch": 1, "session": "s",
+            "latency_ms": st["latency_ms"], "block_medians_ms": st["block_medians_ms"],
+            "latency_median_ci95_ms": st["latency_median_ci95_ms"], "macs": None, "warnings": [],
+            "conditions": {}}
+
+
+def test_a_a_pair_with_noise_and_drift_is_same_in_95_percent_of_trials(virtual_clock):
+    verdicts = []
+    for seed in range(200):
+        m = Machine(seed)
+        virtual_clock(m)
+        verdicts.append(timed_pair(m, 1e-3, 1e-3)["verdict"])
+    same = verdicts.count("same") / len(verdicts)
+    assert same >= 0.95, f"A/A judged 'same' in only {same:.1%} of trials: {verdicts}"
+    assert set(verdicts) <= {"same", "faster", "slower"}
+
+
+def test_true_2x_pair_is_always_faster_with_interval_excluding_1(virtual_clock):
+    for seed in range(100):
+        m = Machine(seed)
+        virtual_clock(m)
+        row = timed_pair(m, 2e-3, 1e-3)
+        assert row["verdict"] == "faster", (seed, row["speedup"], row["speedup_ci95"])
+        low, high = row["speedup_ci95"]
+        assert 1.0 < low <= row["speedup"] <= high
+        assert 1.8 < row["speedup"] < 2.2
+
+
+def test_drift_fools_sequential_timing_but_not_interleaved_rounds(virtual_clock):
+    """The machine slows down 40 % over the run (a steady ramp, as bench_cpu_idle.md recorded).
+
+    B is truly 10 % faster than A. Timed one after the other (rounds=1, the old way: all of A, then all
+    of B), B runs on the slower machine and looks slower; interleaved, it is judged faster.
+    """
+    sequential_says, interleaved_says = [], []
+    for seed in range(20):
+        m = Machine(seed, drift=0.0, noise=0.05, spikes=0.0, ramp=math.log(1.4))
+        virtual_clock(m)
+        ta, tb = measure_rounds([FakeRunner(m, 1.1e-3), FakeRunner(m, 1.0e-3)],
+                                TimingConfig(warmup_iters=5, warmup_ms=0, rounds=1))
+        sequential_says.append(ta.block_medians_ms()[0] / tb.block_medians_ms()[0])
+        m = Machine(seed, drift=0.0, noise=0.05, spikes=0.0, ramp=math.log(1.4))
+        virtual_clock(m)
+        interleaved_says.append(timed_pair(m, 1.1e-3, 1.0e-3))
+    assert all(s < 1.0 for s in sequential_says), sequential_says  # sequential: "B is slower", every time
+    assert all(r["verdict"] == "faster" for r in interleaved_says)
+    assert all(abs(r["speedup"] / 1.1 - 1) < 0.02 for r in interleaved_says)
+    covered = sum(r["speedup_ci95"][0] <= 1.1 <= r["speedup_ci95"][1] for r in interleaved_says)
+    assert covered >= 17  # a 95 % interval misses about 1 in 20
+
+
+def test_one_round_is_sequential_and_gives_no_interval_or_verdict(virtual_clock):
+    m = Machine(0)
+    virtual_clock(m)
+    row = timed_pair(m, 2e-3, 1e-3, TimingConfig(warmup_iters=1, warmup_ms=0, rounds=1))
+    assert row["speedup"] > 1 and row["speedup_ci95"] is None and row["verdict"] is None
+    assert any("too few for an interval" in w for w in row["warnings"])
+
+
+def test_round_orders_alternate_and_mirror():
+    assert round_orders(2, 4) == [[0, 1], [1, 0], [0, 1], [1, 0]]  # ABBA ABBA
+    orders = round_orders(4, 10, seed=3)
+    assert orders[0] == [0, 1, 2, 3]
+    for i in range(0, 10, 2):
+        assert sorted(orders[i]) == [0, 1, 2, 3] and orders[i + 1] == orders[i][::-1]
+    assert len({tuple(o) for o in orders}) > 2  # the order changes between pairs of rounds
+    positions = np.zeros(4)
+    for o in orders:
+        for pos, j in enumerate(o):
+            positions[j] += pos
+    assert positions.tolist() == [15.0] * 4  # every runner sits at the same mean position: drift cancels
+
+
+def test_rounds_blocks_and_budget(virtual_clock):
+    m = Machine(0, drift=0.0, noise=0.0, spikes=0.0)
+    virtual_clock(m)
+    ta, tb = measure_rounds([FakeRunner(m, 1e-3), FakeRunner(m, 2e-3)],
+                            TimingConfig(warmup_iters=0, warmup_ms=0, iters=30, rounds=7))
+    assert ta.block_iters == [5, 5, 4, 4, 4, 4, 4] and tb.iterations == 30  # exactly 30, shared out
+    assert ta.final_ns is not None and tb.final_ns is None  # the reference is timed again at the end
+    m = Machine(0, drift=0.0, noise=0.0, spikes=0.0)
+    virtual_clock(m)
+    t = measure_rounds([FakeRunner(m, 1e-3)], TimingConfig(warmup_iters=0, warmup_ms=0, duration_s=1.0, rounds=10,
+                                                             budget_s=0.35))[0]
+    assert t.rounds == 4  # 100 ms per round: the budget stops new rounds after 0.35 s
+    assert t.block_iters == [100] * 4
+
+
+def test_paired_speedup_known_values():
+    ref = [2.0, 2.2, 1.8, 2.0, 2.1, 1.9]
+    cand = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95]  # exactly 2x in every round
+    est = paired_speedup(ref, cand)
+    assert est.speedup == pytest.approx(2.0) and est.ci95 == pytest.approx((2.0, 2.0)) and est.verdict == "faster"
+    d = np.log([1.1, 0.9, 1.05, 0.95, 1.0])
+    est = paired_speedup([1.1, 0.9, 1.05, 0.95, 1.0], [1, 1, 1, 1, 1])
+    half = t_quantile(0.975, 4) * d.std(ddof=1) / math.sqrt(5)
+    assert est.ci95 == pytest.approx((math.exp(d.mean() - half), math.exp(d.mean() + half)))
+    assert est.verdict == "same"
+    assert paired_speedup([1, 1, 1, 1], [1, 1, 1, 1]).ci95 is None  # 4 rounds: no interval
+    with pytest.raises(ValueError):
+        paired_speedup([1, 2], [1])
+
+
+def test_verdict_margin():
+    assert verdict(1.5, (1.2, 1.8)) == "faster"
+    assert verdict(0.6, (0.5, 0.7)) == "slower"
+    assert verdict(1.01, (1.005, 1.015)) == "same"  # significant but below the 2 % margin
+    assert verdict(1.01, (1.005, 1.015), margin_pct=0.5) == "faster"
+    assert verdict(1.3, (0.9, 1.7)) == "same"  # the interval contains 1
+
+
+def test_t_quantile_matches_tables():
+    for df, value in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (19, 2.093), (100, 1.984)):
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=2e-3)
+
+
+def test_median_interval_order_statistics():
+    values = list(range(1, 21))  # n = 20: the 95 % interval is [x(6), x(15)] (coverage 95.9 %)
+    assert median_interval(values) == (6.0, 15.0)
+    assert median_interval([1, 2, 3, 4, 5]) is None  # 5 values cannot reach 95 %
+    assert median_interval([3, 1, 2, 6, 5, 4]) == (1.0, 6.0)
+
+
+def test_noise_warning_fires_on_a_drifting_run_and_not_on_a_steady_one(virtual_clock):
+    m = Machine(1, drift=0.0, noise=0.01, spikes=0.0)
+    virtual_clock(m)
+    steady = statistics(measure_rounds([FakeRunner(m, 1e-3)], DEFAULT)[0], batch=1)
+    assert steady["warnings"] == [] and steady["rounds"] == 20
+    low, high = steady["latency_median_ci95_ms"]
+    assert low <= steady["latency_ms"]["median"] <= high and high / low < 1.02
+    m = Machine(1, drift=0.0, noise=0.01, spikes=0.0, ramp=math.log(1.5))
+    virtual_clock(m)
+    drifting = statistics(measure_rounds([FakeRunner(m, 1e-3)], DEFAULT)[0], batch=1)
+    assert any("only known to within" in w for w in drifting["warnings"])
