@@ -212,6 +212,25 @@ def check_int8_for_tensorrt(path: str | os.PathLike, model) -> None:
                          "`deploycomp quantize FP32.onnx -p int8 --target tensorrt`")
 
 
+def fp32_source(path: str | os.PathLike) -> Path | None:
+    """The FP32 ONNX a quantized model was made from, from its sidecar; None when it is gone or changed.
+
+    Looks beside the model first (``source_onnx_relative``: both files moved together), then at the
+    recorded ``source_onnx`` path; a candidate counts only when its SHA-256 is the recorded one.
+    """
+    side = read_sidecar(path)
+    digest = side.get("source_onnx_sha256")
+    if side.get("command") != "quantize" or not digest:
+        return None
+    here = Path(path).resolve().parent
+    for ref in (side.get("source_onnx_relative"), side.get("source_onnx")):
+        if ref:
+            candidate = here / ref if side.get("source_onnx_relative") == ref else Path(ref)
+            if candidate.is_file() and sha256(candidate) == digest:
+                return candidate.resolve()
+    return None
+
+
 @dataclass
 class QuantizeOptions:
     dataset: Any = None  # calibration split (torch Dataset), int8 only

@@ -166,3 +166,26 @@ def test_refuses_a_directory_that_is_not_a_run(cli, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     assert_one_line_error(cli("pipeline", recipe, "-o", tmp_path / "busy", ok=False), "not empty")
+
+
+def test_int8_is_quantized_for_the_backend_that_runs_it(tmp_path):
+    """ONNX Runtime benches time an ort-cpu graph; a TensorRT build starts from its own tensorrt graph."""
+    from deploycomp.pipeline import load_recipe, plan_study
+
+    recipe = load_recipe(write(tmp_path / "t.yaml", VALID.replace("precisions: [int8]", "precisions: [fp16, int8]")
+                               + "build: {}\n"))
+    plan = plan_study(recipe.studies[0], tmp_path, tensorrt=True)  # planning only: no TensorRT needed
+    b = plan.branches[0]
+    assert b.quantize["int8"].options["target"] == "ort-cpu" and "target" not in b.quantize["fp16"].options
+    ort_int8 = [s for p, backend, s in b.bench if p == "int8" and backend == "ort"]
+    assert [s.parent for s in ort_int8] == [b.quantize["int8"]]
+    assert b.build["int8"].parent is b.quantize_trt["int8"] and b.quantize_trt["int8"].options["target"] == "tensorrt"
+    assert b.build["fp16"].parent is b.quantize["fp16"] and b.build["fp32"].parent is b.export
+    assert b.quantize_trt["int8"] in plan.stages() and b.quantize_trt["int8"].key != b.quantize["int8"].key
+    without_trt = plan_study(recipe.studies[0], tmp_path, tensorrt=False).branches[0]
+    assert not without_trt.quantize_trt and not without_trt.build
+
+
+def test_recipe_cannot_pick_the_int8_target(cli, tmp_path):
+    recipe = write(tmp_path / "t.yaml", VALID.replace("calib_batch: 8}", "calib_batch: 8, target: tensorrt}"))
+    assert_one_line_error(cli("pipeline", recipe, "-o", tmp_path / "run", ok=False), "quantize.target", "unknown key")

@@ -177,6 +177,24 @@ def test_default_outputs_name_the_target(fp32_onnx, tmp_path):
     assert default_output("a/m.onnx", "fp16") == Path("a/m.fp16.onnx")
 
 
+def test_fp32_source_is_found_after_moving_both_files(fp32_onnx, tmp_path):
+    from deploycomp.quantize import fp32_source
+
+    out = tmp_path / "a" / "m.int8.onnx"
+    out.parent.mkdir()
+    quantize_onnx(fp32_onnx, out, precision="int8", calib_samples=32, evaluate=False)
+    assert fp32_source(out) == fp32_onnx.resolve()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(fp32_onnx, moved / "model.onnx")  # only the relative path can find it now: break the absolute one
+    side = json.loads(sidecar_path(out).read_text())
+    side.update(source_onnx="/nowhere/model.onnx", source_onnx_relative="../moved/model.onnx")
+    sidecar_path(out).write_text(json.dumps(side))
+    assert fp32_source(out) == (moved / "model.onnx").resolve()
+    (moved / "model.onnx").write_bytes(b"changed")  # another file under that name is not the original
+    assert fp32_source(out) is None and fp32_source(fp32_onnx) is None  # an FP32 export has no source ONNX
+
+
 def test_target_hint_for_bench():
     from deploycomp.quantize import INT8_TARGETS, target_hint
 

@@ -2,7 +2,8 @@
 
 Each branch is a row of the report: its compression steps, then evaluate, export, quantize (one stage
 per precision), build (one engine per ONNX when TensorRT is present) and bench (one stage per artifact
-and backend of the artifact's family).
+and backend of the artifact's family). INT8 is quantized for the backend that runs it: the ONNX that
+ONNX Runtime times is made for ``ort-cpu``, the one a TensorRT engine is built from for ``tensorrt``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ class Branch:
     steps: list[Stage]  # the compression stages from the original (empty for the original)
     evaluate: Stage | None = None
     export: Stage | None = None
-    quantize: dict[str, Stage] = field(default_factory=dict)  # precision -> stage
+    quantize: dict[str, Stage] = field(default_factory=dict)  # precision -> stage (the graph ONNX Runtime times)
+    quantize_trt: dict[str, Stage] = field(default_factory=dict)  # precision -> INT8 graph made for TensorRT builds
     build: dict[str, Stage] = field(default_factory=dict)  # precision -> stage
     bench: list[tuple[str, str, Stage]] = field(default_factory=list)  # (precision, backend, stage)
 
     def stages(self) -> list[Stage]:
-        out = [*self.steps, self.evaluate, self.export, *self.quantize.values(), *self.build.values(),
+        out = [*self.steps, self.evaluate, self.export, *self.quantize.values(), *self.quantize_trt.values(),
+               *self.build.values(),
                *(s for _, _, s in self.bench)]
         return [s for s in out if s is not None]
 
@@ -41,6 +44,7 @@ class Branch:
                 "steps": [s.id for s in self.steps], "evaluate": self.evaluate.id if self.evaluate else None,
                 "export": self.export.id if self.export else None,
                 "quantize": {k: s.id for k, s in self.quantize.items()},
+                "quantize_trt": {k: s.id for k, s in self.quantize_trt.items()},
                 "build": {k: s.id for k, s in self.build.items()},
                 "bench": [{"precision": p, "backend": b, "stage": s.id, "source": s.parent.kind,
                            "source_stage": s.parent.id} for p, b, s in self.bench]}
@@ -162,12 +166,13 @@ def _plan_deploy(b: Branch, o: dict, study: Study, tensorrt: bool, eval_opts: di
         artifacts.append(("fp32", b.export))
         q = o.get("quantize")
         for prec in (q or {}).get("precisions") or ():
-            qopts = {**_given(q, ("precisions",)), "precision": prec, "eval_samples": eval_opts["eval_samples"]}
-            b.quantize[prec] = Stage("quantize", qopts, b.export, f"{label}: quantize {prec}")
+            b.quantize[prec] = _quantize_stage(b, q, prec, "ort-cpu", eval_opts, label)
             artifacts.append((prec, b.quantize[prec]))
         build = o.get("build")
         if tensorrt and build is not None and build.get("enabled", True):
             for prec, src in [("fp32", b.export), *b.quantize.items()]:
+                if prec == "int8":  # TensorRT builds its own INT8 graph, not the one made for ONNX Runtime's CPU
+                    src = b.quantize_trt[prec] = _quantize_stage(b, q, prec, "tensorrt", eval_opts, label)
                 b.build[prec] = Stage("build", _given(build, ("enabled",)), src, f"{label}: build {prec}")
                 artifacts.append((prec, b.build[prec]))
     if bench_opts is None:
@@ -181,6 +186,15 @@ def _plan_deploy(b: Branch, o: dict, study: Study, tensorrt: bool, eval_opts: di
                 continue
             opts = {**bench_opts, "backend": backend}
             b.bench.append((prec, backend, Stage("bench", opts, stage, f"{label}: bench {backend} {prec}")))
+
+
+def _quantize_stage(b: Branch, q: dict, precision: str, target: str, eval_opts: dict, label: str) -> Stage:
+    """A quantize stage of ``b``'s export; INT8 is made for ``target`` (the backend that will run it)."""
+    opts = {**_given(q, ("precisions",)), "precision": precision, "eval_samples": eval_opts["eval_samples"]}
+    if precision == "int8":
+        opts["target"] = target
+    what = f"{precision} for {target}" if precision == "int8" else precision
+    return Stage("quantize", opts, b.export, f"{label}: quantize {what}")
 
 
 def describe_steps(v: dict[str, Any]) -> str:

@@ -144,8 +144,9 @@ def _export_section() -> Section:
 def _quantize_section() -> Section:
     from deploycomp.quantize import quantize_onnx
 
+    # target: the pipeline quantizes INT8 for the backend that runs it (ort-cpu for ONNX Runtime, tensorrt for builds)
     return _section("quantize", quantize_onnx, drop=("output", "precision", "data", "data_dir", "evaluate",
-                                                     "eval_samples"),
+                                                     "eval_samples", "target"),
                     add={"precisions": tuple[str, ...]})
 
 

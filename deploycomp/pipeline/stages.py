@@ -257,7 +257,8 @@ def _stage_quantize(run: StageRun) -> dict[str, Any]:
     from deploycomp.quantize import quantize_onnx
 
     o = _given(run.options, ("eval_samples",))
-    console.info(f"{run.stage.label}: quantizing to {o['precision']}")
+    console.info(f"{run.stage.label}: quantizing to {o['precision']}"
+                 + (f" for {o['target']}" if o.get("target") else ""))
     ds = run.data()
     return quantize_onnx(run.parent_artifact(), run.dir / "model.quant.onnx", data=ds.info.name,
                          data_dir=run.study.data_dir, eval_samples=run.options.get("eval_samples"), **o)
