@@ -9,6 +9,9 @@ exported once and quantized with `deploycomp quantize -p int8 --target T` for ev
 model and its INT8 variants are timed together by ``deploycomp.bench.benchmark`` on ONNX Runtime's CPU
 provider at batch 1 and 8 (speed-up against FP32 with its 95 % interval and verdict where the harness
 gives them). A second table checks each calibration method on the baseline (top-1 FP32 vs INT8).
+Ablations (``--ablations``, on by default) time what ``ort-cpu`` chose against: S8S8 Q/DQ (int8
+activations, ONNX Runtime's documented default) and U8S8 in QOperator format (QLinearConv, ...), each
+made by the same ``quantize_onnx`` with the ``ort-cpu`` target changed in that one setting.
 
 Usage: python benchmarks/quantize_targets.py [--threads 1] [--workdir /tmp/deploycomp-qt]
        [--models baseline,resnet18,resnet50] [--calib-methods minmax,entropy,percentile] [--quick]
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TARGETS = ("tensorrt", "ort-cpu")
+ABLATIONS = {"ort-cpu-s8s8": {"activations": "int8"}, "ort-cpu-qoperator": {"quant_format": "QOperator"}}
 MODELS = {  # name -> deploycomp export arguments
     "baseline": [],  # the shipped checkpoint (the default --model), Fashion-MNIST metadata
     "resnet18": ["--model", "resnet18", "--data", "synthetic"],
@@ -60,6 +64,30 @@ def quantize(src: Path, target: str, method: str, calib_samples: int, eval_sampl
     evaluation = ["--no-eval"] if synthetic else (["--eval-samples", str(eval_samples)] if eval_samples else [])
     return deploycomp("quantize", str(src), "-p", "int8", "--target", target, "--calib-method", method,
                       "--calib-samples", str(calib_samples), *evaluation, "-o", str(out))
+
+
+def register_ablations() -> None:
+    """The ort-cpu target with one setting changed, as extra targets of this process only."""
+    import dataclasses
+
+    from deploycomp.quantize import INT8_TARGETS
+
+    base = INT8_TARGETS.get("ort-cpu")
+    for name, change in ABLATIONS.items():
+        if name not in INT8_TARGETS:
+            INT8_TARGETS.register(name, dataclasses.replace(base, name=name, **change))
+
+
+def quantize_ablation(src: Path, name: str, method: str, calib_samples: int, eval_samples: int | None) -> dict:
+    """In this process (the ablation targets exist only here), with the same options as :func:`quantize`."""
+    from deploycomp import console
+    from deploycomp.quantize import quantize_onnx
+
+    console.set_verbosity(console.QUIET)
+    synthetic = json.loads(Path(f"{src}.json").read_text()).get("dataset") == "synthetic"
+    return quantize_onnx(src, src.with_name(f"{src.stem}.int8-{name}-{method}.onnx"), precision="int8", target=name,
+                         calib_method=method, calib_samples=calib_samples, eval_samples=eval_samples,
+                         evaluate=not synthetic)
 
 
 def time_variants(paths: list[Path], threads: int, quick: bool) -> list[dict]:
@@ -157,7 +185,9 @@ def write_markdown(path: Path, rows: list[dict], cal: list[dict], meta: dict) ->
              f"top-1 on {meta['eval_desc']} of the Fashion-MNIST test split",
              "- targets: `tensorrt` = symmetric INT8 Q/DQ on the inputs of Conv/Gemm only, FP32 bias, first conv "
              "and classifier in float (what TensorRT fuses); `ort-cpu` = U8S8 Q/DQ on every layer ONNX Runtime has "
-             "an integer kernel for, INT32 bias" + (", 7-bit weights (no VNNI)" if meta["reduce_range"] else ""), "",
+             "an integer kernel for, INT32 bias" + (", 7-bit weights (no VNNI)" if meta["reduce_range"] else "")
+             + "; ablations: `ort-cpu-s8s8` = the same with int8 activations, `ort-cpu-qoperator` = the same in "
+               "QOperator format (QLinearConv, ...)", "",
              f"## Speed on ONNX Runtime CPU (calibration: {meta['default_method']})", "", *speed_table(rows),
              "## Goals (as measured, no noise allowance)", "", *goal_lines(rows), ""]
     if cal:
@@ -182,6 +212,8 @@ def main() -> None:
     ap.add_argument("--resnet-calib-samples", type=int, default=128,
                     help="synthetic calibration images for the ResNets (their accuracy is not measured)")
     ap.add_argument("--eval-samples", type=int, default=None, help="test images for top-1 (default: all 10,000)")
+    ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time ort-cpu with S8S8 activations and in QOperator format")
     ap.add_argument("--quick", action="store_true", help="few iterations (a smoke test, not a result)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantize_targets.md"))
     args = ap.parse_args()
@@ -196,18 +228,22 @@ def main() -> None:
         src = export(model, workdir, args.input_size)
         n = args.calib_samples if model == "baseline" else args.resnet_calib_samples
         records = {t: quantize(src, t, methods[0], n, args.eval_samples) for t in TARGETS}
+        if args.ablations:
+            register_ablations()
+            records.update({a: quantize_ablation(src, a, methods[0], n, args.eval_samples) for a in ABLATIONS})
         if model == "baseline":
             for t in TARGETS:
                 for m in methods:
                     rec = records[t] if m == methods[0] else quantize(src, t, m, args.calib_samples,
                                                                        args.eval_samples)
                     cal.append({"target": t, "method": m, "accuracy": rec["accuracy"]})
-        print(f"== {model}: timing FP32, INT8 tensorrt, INT8 ort-cpu on ORT CPU", flush=True)
-        results = time_variants([src, *(Path(records[t]["output"]) for t in TARGETS)], args.threads, args.quick)
-        names = {str(src): "fp32", **{records[t]["output"]: f"int8 {t}" for t in TARGETS}}
+        print(f"== {model}: timing FP32 and INT8 {', '.join(records)} on ORT CPU", flush=True)
+        results = time_variants([src, *(Path(rec["output"]) for rec in records.values())], args.threads, args.quick)
+        names = {str(src): "fp32", **{rec["output"]: f"int8 {t}" for t, rec in records.items()}}
         for r in results:
             r["model"], r["variant"] = model, names[r["artifact"]]
-            r["accuracy"] = next((records[t].get("accuracy") for t in TARGETS if f"int8 {t}" == r["variant"]), None)
+            r["accuracy"] = next((rec.get("accuracy") for t, rec in records.items() if f"int8 {t}" == r["variant"]),
+                                 None)
         rows += results
         raw += results
         sidecars[model] = records

@@ -93,6 +93,7 @@ class Int8Target:
     reduce_range: Callable[[], bool]  # 7-bit weights (decided on the quantizing machine)
     description: str  # one line for --help and the docs
     hint: str  # what bench says when this INT8 graph is slower than FP32 on a backend it is not made for
+    quant_format: str = "QDQ"  # onnxruntime QuantFormat: QDQ (portable) or QOperator (QLinearConv, ...)
 
     def made_for(self, backend: str, device: str | None = None) -> bool:
         """Whether a graph of this target is meant to run on ``backend`` (a bench backend name) on ``device``."""
@@ -311,8 +312,8 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
                 cache = Path(work) / "ranges.json"
                 _histogram_ranges(pre, Path(work), method, reader, cache, target.activation_symmetric)
                 reader = None
-            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=reduce_range, activation_type=activation_type,
+            quantize_static(str(pre), str(dst), reader, quant_format=getattr(QuantFormat, target.quant_format),
+                            per_channel=True, reduce_range=reduce_range, activation_type=activation_type,
                             weight_type=QuantType.QInt8, op_types_to_quantize=list(target.op_types or []) or None,
                             calibrate_method=getattr(CalibrationMethod, method), extra_options=extra,
                             calibration_cache_path=cache, nodes_to_exclude=float_nodes)
@@ -320,7 +321,7 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
             console.debug(line)
     vnni = has_vnni()
     return {"target": target.name, "runtime": target.runtime, "made_for_backends": list(target.backends),
-            "quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "quantizer": "onnxruntime.quantization.quantize_static", "format": target.quant_format,
             "activations": f"{target.activations} {'symmetric' if target.activation_symmetric else 'asymmetric'}",
             "weights": "int8 symmetric per-channel" + (" (7-bit range)" if reduce_range else ""),
             "bias": "int32" if target.quantize_bias else "fp32", "reduce_range": reduce_range,
