@@ -178,7 +178,7 @@ INT8_TARGETS.register("ort-cpu", Int8Target(
 def target_hint(record: dict[str, Any], backend: str, device: str | None = None) -> str:
     """One line saying why an INT8 model may be slower than its FP32 original on ``backend`` (for bench).
 
-    ``record`` is the quantized model's sidecar. Names the target it was made for when that is not
+    ``record`` is the sidecar of an INT8 model. Names the target it was made for when that is not
     ``backend``, else says that INT8 does not pay off for this model on this backend.
     """
     name = (record.get("quantization") or {}).get("target")
@@ -321,6 +321,7 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
             console.debug(line)
     vnni = has_vnni()
     return {"target": target.name, "runtime": target.runtime, "made_for_backends": list(target.backends),
+            "description": target.description,
             "quantizer": "onnxruntime.quantization.quantize_static", "format": target.quant_format,
             "activations": f"{target.activations} {'symmetric' if target.activation_symmetric else 'asymmetric'}",
             "weights": "int8 symmetric per-channel" + (" (7-bit range)" if reduce_range else ""),
@@ -469,13 +470,19 @@ def _record(src: Path, out: Path, side: dict, precision: str, details: dict, io:
     record = {k: v for k, v in side.items() if k not in ("parity", "output", "command", "simplify", "checker",
                                                           "onnx_sha256", "size_mib")}
     record.update({"command": "quantize", "output": str(out), "precision": precision, "source_onnx": str(src),
-                   # where bench finds the FP32 original when both files move together
-                   "source_onnx_relative": os.path.relpath(src.resolve(), out.resolve().parent),
+                   "source_onnx_relative": _relative(src, out.parent),  # found again when both files move
                    "source_onnx_sha256": sha256(src), "source_precision": "fp32", "input_name": io["input_name"],
                    "output_name": io["output_name"], "input_shape": io["input_shape"],
                    "dynamic_batch": io["dynamic_batch"], "opset": io["opset"], "input_dtype": "float32",
                    "quantization": details, "deploycomp": __version__})
     return record
+
+
+def _relative(path: Path, start: Path) -> str | None:
+    try:
+        return os.path.relpath(path.resolve(), start.resolve())
+    except ValueError:  # another drive (Windows)
+        return None
 
 
 def _random_parity(src: Path, dst: Path, io: dict) -> dict[str, Any]:
