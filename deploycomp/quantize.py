@@ -513,6 +513,6 @@ def summary_line(record: dict[str, Any]) -> str:
     a = record.get("accuracy")
     if a:
         parts.append(f"top-1 on {a['dataset']} test ({a['samples']:,} images, ORT CPU): {a['top1_pct']:.2f}% vs FP32 "
-                     f"{a['fp32_top1_pct']:.2f}% ({-a['top1_drop_points']:+.2f} points, "
+                     f"{a['fp32_top1_pct']:.2f}% ({0.0 - a['top1_drop_points']:+.2f} points, "
                      f"{a['prediction_agreement_pct']:.2f}% same predictions)")
     return "; ".join(parts)
