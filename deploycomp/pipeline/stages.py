@@ -276,12 +276,20 @@ def _stage_build(run: StageRun) -> dict[str, Any]:
 
 @register_stage("bench", "bench.json")
 def _stage_bench(run: StageRun) -> dict[str, Any]:
-    """Latency and throughput of the parent's artifact with one backend at every batch size."""
+    """Every artifact of one backend's family in the study, timed together in interleaved rounds (paired)."""
     from deploycomp import bench
 
     o = run.options
-    cfg = bench_config(o, o["backend"], run.study.device)
-    console.info(f"{run.stage.label}: benchmarking ({o['backend']}, batch {', '.join(map(str, cfg.batches))})")
-    results = bench.benchmark([str(run.parent_artifact())], cfg)
+    listing = o["artifacts"]
+    paths = [str(run.runner.artifact_of_key(stage_id)) for stage_id in run.stage.inputs["artifacts"]]
+    cfg = bench_config(_given(o, ("artifacts",)), o["backend"], run.study.device)
+    console.info(f"{run.stage.label}: timing {len(paths)} artifacts in alternation ({o['backend']}, batch "
+                 f"{', '.join(map(str, cfg.batches))})")
+    results = bench.benchmark(paths, cfg)
+    by_path = dict(zip(paths, zip(listing, run.stage.inputs["artifacts"], strict=True), strict=True))
+    for r in results:  # which branch and precision each row is, for the report
+        item, source_stage = by_path[r["artifact"]]
+        r.update({"branch": item["branch"], "branch_precision": item["precision"], "source": item["source"],
+                  "source_stage": source_stage})
     bench.write_json(str(run.dir / "bench.json"), results)
-    return {"backend": o["backend"], "results": results}
+    return {"backend": o["backend"], "paired": True, "results": results}
