@@ -132,6 +132,9 @@ def study_reports(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Stud
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     records = _records(run_dir)
+    if not records and any(s.get("branches") for s in run.get("studies", [])):
+        raise InputFileError(f"{run_dir} has no stage records (stages/*/record.json), which the report is built "
+                             f"from; re-run the recipe into it: deploycomp pipeline {run.get('recipe')} -o {run_dir}")
     return run, [_study(s, records) for s in run.get("studies", [])]
 
 

@@ -104,6 +104,17 @@ def test_report_on_a_directory_without_a_run(cli, tmp_path):
     assert_one_line_error(cli("report", tmp_path, ok=False), "no run.json")
 
 
+def test_report_refuses_a_run_without_stage_records(cli, tmp_path):
+    """A recorded run whose stage caches were not kept: say how to rebuild, write nothing over the report."""
+    import shutil
+
+    run = make_run(tmp_path / "run")
+    (run / "report.md").write_text("kept")
+    shutil.rmtree(run / "stages")
+    assert_one_line_error(cli("report", run, ok=False), "no stage records", "deploycomp pipeline hand.yaml")
+    assert (run / "report.md").read_text() == "kept"
+
+
 def test_paired_bench_stage_gives_intervals_verdicts_and_error_bars(cli, tmp_path):
     """One bench stage timed both artifacts in one session: the report pairs them round by round."""
     from deploycomp.bench.paired import paired_speedup
