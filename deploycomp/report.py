@@ -8,7 +8,13 @@ can be regenerated (or restyled) at any time without touching a model. Per study
   headline latency (median, p99, backend, batch, precision) with throughput and speed-up;
 * deployment, one row per artifact x backend x batch: the latency of every measurement.
 
-Plots (PNG, one set per study): accuracy vs MACs, accuracy vs latency, latency vs batch.
+Speed-ups are against the original at the same precision, format, backend and batch. When both were
+timed in the same interleaved session (the pipeline's bench stages time every artifact of a backend
+together), the speed-up is paired round by round, with its 95 % interval and a verdict
+(:func:`deploycomp.bench.paired.paired_speedup`); runs recorded before that have plain ratios.
+
+Plots (PNG, one set per study): accuracy vs MACs, accuracy vs latency, latency vs batch, with the 95 %
+intervals of the median latencies as error bars where they were measured.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("precision", "precision", "s"),
     ("batch", "batch", "d"),
     ("throughput_ips", "img/s", ".0f"),
-    ("speedup", "speed-up", ".2f"),
+    ("speedup", "speed-up [95% interval]", "speedup"),
+    ("verdict", "verdict", "s"),
 )
 
 LATENCY_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -57,11 +64,15 @@ LATENCY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("top1_pct", "top-1 %", ".2f"),
     ("size_mib", "size MiB", ".2f"),
     ("latency_median_ms", "median ms", ".3f"),
+    ("latency_median_ci95_ms", "95% interval ms", "interval"),
     ("latency_p99_ms", "p99 ms", ".3f"),
-    ("latency_cov_pct", "CoV %", ".1f"),
     ("throughput_ips", "img/s", ".0f"),
-    ("speedup", "speed-up", ".2f"),
+    ("speedup", "speed-up [95% interval]", "speedup"),
+    ("verdict", "verdict", "s"),
 )
+# CSV-only columns: the intervals as numbers (the Markdown shows them inside the cells above)
+CSV_EXTRA = ("speedup_ci95_low", "speedup_ci95_high", "paired", "latency_median_ci95_low_ms",
+             "latency_median_ci95_high_ms")
 
 FORMAT_OF_STAGE = {"export": "onnx", "quantize": "onnx", "build": "engine"}
 
@@ -121,6 +132,9 @@ def study_reports(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Stud
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     records = _records(run_dir)
+    if not records and any(s.get("branches") for s in run.get("studies", [])):
+        raise InputFileError(f"{run_dir} has no stage records (stages/*/record.json), which the report is built "
+                             f"from; re-run the recipe into it: deploycomp pipeline {run.get('recipe')} -o {run_dir}")
     return run, [_study(s, records) for s in run.get("studies", [])]
 
 
@@ -175,6 +189,8 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
             else:
                 artifact_size, top1 = row["size_mib"], row["top1_pct"]
             for r in bench.get("results", []):
+                if r.get("source_stage", item.get("source_stage")) != item.get("source_stage"):
+                    continue  # a paired bench stage holds every artifact of the study: this branch's only
                 lat = r.get("latency_ms") or {}
                 latency_rows.append({
                     "variant": b["name"], "precision": r.get("precision") or item["precision"],
@@ -182,18 +198,22 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
                     "batch": r.get("batch"), "top1_pct": top1, "size_mib": artifact_size,
                     "latency_median_ms": lat.get("median"), "latency_p99_ms": lat.get("p99"),
                     "latency_cov_pct": lat.get("cov_pct"), "throughput_ips": r.get("throughput_ips"),
+                    "latency_median_ci95_ms": r.get("latency_median_ci95_ms"),
+                    "block_medians_ms": r.get("block_medians_ms"), "session": r.get("session"),
+                    "conditions": r.get("conditions") or {},
                     "threads": r.get("threads"), "device": r.get("device"), "warnings": r.get("warnings") or [],
                     "environment": r.get("environment") or {}})
         rows.append(row)
 
-    _relative_to_original(rows, latency_rows)
+    _relative_to_original(rows, latency_rows, _get(study, "bench", "margin_pct"))
     for row in rows:
         hit = next((r for r in latency_rows if r["variant"] == row["variant"] and r["backend"] == head["backend"]
                     and r["precision"] == head["precision"] and r["batch"] == head["batch"]), None)
         row.update({"latency_median_ms": _get(hit, "latency_median_ms"), "latency_p99_ms": _get(hit, "latency_p99_ms"),
                     "backend": head["backend"] if hit else None, "precision": head["precision"] if hit else None,
                     "batch": head["batch"] if hit else None, "throughput_ips": _get(hit, "throughput_ips"),
-                    "speedup": _get(hit, "speedup")})
+                    **{k: _get(hit, k) for k in ("speedup", "speedup_ci95", "verdict", "paired",
+                                                 "latency_median_ci95_ms")}})
     if any(not r["complete"] for r in rows):
         notes.append("rows marked incomplete come from a run that has not finished all its stages")
     root = rec(study.get("root")) or {}
@@ -208,8 +228,8 @@ def _ratio_pct(value, ref) -> float | None:
     return 100.0 * value / ref
 
 
-def _relative_to_original(rows: list[dict], latency_rows: list[dict]) -> None:
-    """Change, retention and reductions against the first row (the original)."""
+def _relative_to_original(rows: list[dict], latency_rows: list[dict], margin_pct: float | None = None) -> None:
+    """Change, retention and reductions against the first row (the original); speed-ups, paired when possible."""
     if not rows:
         return
     o = rows[0]
@@ -224,17 +244,40 @@ def _relative_to_original(rows: list[dict], latency_rows: list[dict]) -> None:
             if x["variant"] == o["variant"]}
     for x in latency_rows:
         ref = refs.get((x["precision"], x["format"], x["backend"], x["batch"]))
-        x["speedup"] = ref["latency_median_ms"] / x["latency_median_ms"] \
-            if ref and ref.get("latency_median_ms") and x.get("latency_median_ms") else None
+        x.update(speedup_against(ref, x, margin_pct) if ref else
+                 {"speedup": None, "speedup_ci95": None, "verdict": None, "paired": None})
+
+
+def speedup_against(ref: dict, x: dict, margin_pct: float | None = None) -> dict[str, Any]:
+    """Speed-up of latency row ``x`` over ``ref``: paired when both were timed in the same session."""
+    from deploycomp.bench.paired import DEFAULT_MARGIN_PCT, paired_speedup
+
+    if ref is x:
+        return {"speedup": 1.0, "speedup_ci95": None, "verdict": None, "paired": None}
+    a, b = ref.get("block_medians_ms") or [], x.get("block_medians_ms") or []
+    if ref.get("session") and ref.get("session") == x.get("session") and len(a) == len(b) > 0:
+        est = paired_speedup(a, b, margin_pct=DEFAULT_MARGIN_PCT if margin_pct is None else margin_pct)
+        return {"speedup": est.speedup, "speedup_ci95": list(est.ci95) if est.ci95 else None,
+                "verdict": est.verdict, "paired": True}
+    ratio = ref["latency_median_ms"] / x["latency_median_ms"] \
+        if ref.get("latency_median_ms") and x.get("latency_median_ms") else None
+    return {"speedup": ratio, "speedup_ci95": None, "verdict": None, "paired": False}
 
 
 # --------------------------------------------------------------------------------------------------
 # Formatting
 
 
-def fmt(value, spec: str) -> str:
+def fmt(value, spec: str, row: dict | None = None) -> str:
+    """A cell: ``spec`` is a format spec, or ``speedup`` / ``interval`` (values with their 95 % interval)."""
+    from deploycomp.bench.paired import fmt_speedup
+
     if value is None:
         return "-"
+    if spec == "speedup":
+        return fmt_speedup(value, (row or {}).get("speedup_ci95"))
+    if spec == "interval":
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
     if spec == "s":
         return str(value)
     if spec == "d":
@@ -246,7 +289,8 @@ def _md_table(columns, rows: Sequence[dict]) -> str:
     cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
     head = "| " + " | ".join(h for _, h, _ in cols) + " |"
     align = "|" + "|".join("---" if spec == "s" else "---:" for _, _, spec in cols) + "|"
-    body = ["| " + " | ".join(fmt(r.get(k), spec).replace("|", "\\|") for k, _, spec in cols) + " |" for r in rows]
+    body = ["| " + " | ".join(fmt(r.get(k), spec, r).replace("|", "\\|") for k, _, spec in cols) + " |"
+            for r in rows]
     return "\n".join([head, align, *body])
 
 
@@ -294,7 +338,12 @@ def markdown(run: dict[str, Any], studies: list[StudyReport], plots: dict[str, l
                       "only size, MACs and latency are informative"]
         h = s.headline
         lines += [f"- latency columns: {h['backend']} backend, {h['precision']}, batch {h['batch']} "
-                  "(median and p99 of the timed iterations after warmup; speed-up against the original's median)",
+                  "(median and p99 of the timed iterations after warmup); speed-up against the original at the "
+                  "same precision, backend and batch" + ("; every artifact of a backend was timed in alternation in "
+                                                        "one session, so speed-ups are paired round by round, with "
+                                                        "their 95 % interval and a verdict (faster / slower / same, "
+                                                        "2 % margin)" if any(r.get("paired") for r in s.latency_rows)
+                                                        else ""),
                   ""]
         lines += [_md_table(COLUMNS, s.rows), ""]
         if s.latency_rows:
@@ -302,10 +351,17 @@ def markdown(run: dict[str, Any], studies: list[StudyReport], plots: dict[str, l
             env = s.latency_rows[0]
             lines += [f"Latency: {env.get('device')}, {env.get('threads') or 'default'} threads; "
                       "size is the file on disk (checkpoint, ONNX or engine).", ""]
+            conditions = [r["conditions"] for r in s.latency_rows if r.get("conditions", {}).get("other_cpu_pct")
+                          is not None]
+            if conditions:
+                busiest = max(c["other_cpu_pct"] for c in conditions)
+                loads = [c.get("load_avg_1m_before") for c in conditions if c.get("load_avg_1m_before") is not None]
+                lines += [f"Machine while timing: other processes used at most {busiest:.0f}% of the CPUs; load "
+                          f"average {min(loads):.2f}-{max(loads):.2f} before the bench sessions.", ""]
             noisy = sorted({r["variant"] for r in s.latency_rows if r["warnings"]})
             if noisy:
-                lines += [f"Timing warnings (CoV > 2.5 % or similar; the machine was shared) for: "
-                          f"{', '.join(noisy)}; see the stage records.", ""]
+                lines += [f"Timing warnings for: {', '.join(noisy)} (uncertain medians, drift or a busy machine); "
+                          "they are in the bench stages' bench.json.", ""]
         for n in s.notes:
             lines += [f"Note: {n}", ""]
         for p in (plots or {}).get(s.name, []):
@@ -317,10 +373,15 @@ def csv_text(studies: list[StudyReport], latency: bool = False) -> str:
     columns = LATENCY_COLUMNS if latency else COLUMNS
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["study", *(k for k, _, _ in columns)])
+    keys = [k for k, _, spec in columns if spec != "interval"]
+    w.writerow(["study", *keys, *CSV_EXTRA])
     for s in studies:
         for r in (s.latency_rows if latency else s.rows):
-            w.writerow([s.name, *("" if r.get(k) is None else r.get(k) for k, _, _ in columns)])
+            flat = {**r}
+            for name, pair in (("speedup_ci95_{}", r.get("speedup_ci95")),
+                               ("latency_median_ci95_{}_ms", r.get("latency_median_ci95_ms"))):
+                flat[name.format("low")], flat[name.format("high")] = pair or (None, None)
+            w.writerow([s.name, *("" if flat.get(k) is None else flat.get(k) for k in (*keys, *CSV_EXTRA))])
     return buf.getvalue()
 
 
@@ -331,7 +392,8 @@ def json_doc(run: dict[str, Any], studies: list[StudyReport]) -> dict[str, Any]:
             "studies": [{"name": s.name, "model": s.model, "description": s.description, "scale": s.scale,
                          "dataset": s.dataset, "synthetic": s.synthetic, "eval_samples": s.eval_samples,
                          "headline": s.headline, "notes": s.notes, "rows": s.rows,
-                         "latency": [{k: v for k, v in r.items() if k != "environment"} for r in s.latency_rows]}
+                         "latency": [{k: v for k, v in r.items() if k not in ("environment", "block_medians_ms")}
+                                     for r in s.latency_rows]}
                         for s in studies]}
 
 
@@ -342,6 +404,17 @@ def json_doc(run: dict[str, Any], studies: list[StudyReport]) -> dict[str, Any]:
 def _label_points(ax, xs, ys, names) -> None:
     for x, y, n in zip(xs, ys, names, strict=True):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+
+
+def _interval_err(rows: list[dict]):
+    """Asymmetric error bars (2 x n) from the rows' median intervals (None when none was measured)."""
+    if not any(r.get("latency_median_ci95_ms") for r in rows):
+        return None
+    lo = [r["latency_median_ms"] - r["latency_median_ci95_ms"][0] if r.get("latency_median_ci95_ms") else 0.0
+          for r in rows]
+    hi = [r["latency_median_ci95_ms"][1] - r["latency_median_ms"] if r.get("latency_median_ci95_ms") else 0.0
+          for r in rows]
+    return [lo, hi]
 
 
 def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
@@ -385,11 +458,11 @@ def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
         series = sorted({(r["backend"], r["precision"], r["format"]) for r in lat})
         for key in series:
             rs = [r for r in lat if (r["backend"], r["precision"], r["format"]) == key]
-            ax.scatter([r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
-                       label=f"{key[0]} {key[1]} ({key[2]})")
+            ax.errorbar([r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
+                        xerr=_interval_err(rs), fmt="o", capsize=3, label=f"{key[0]} {key[1]} ({key[2]})")
             _label_points(ax, [r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
                           [r["variant"] for r in rs])
-        ax.set_xlabel(f"median latency (ms) at batch {batch}, {lat[0].get('device')}")
+        ax.set_xlabel(f"median latency (ms) at batch {batch}, {lat[0].get('device')} (bars: 95% interval)")
         ax.set_ylabel(acc_label)
         ax.set_title(f"{s.name}: accuracy vs latency")
         ax.grid(alpha=0.3)
@@ -404,10 +477,11 @@ def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
                 rs = sorted((r for r in s.latency_rows if r["variant"] == variant
                              and (r["backend"], r["precision"], r["format"]) == key), key=lambda r: r["batch"])
                 if rs:
-                    ax.plot([r["batch"] for r in rs], [r["latency_median_ms"] for r in rs], marker="o", label=variant)
+                    ax.errorbar([r["batch"] for r in rs], [r["latency_median_ms"] for r in rs], yerr=_interval_err(rs),
+                                marker="o", capsize=3, label=variant)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size (images)")
-            ax.set_ylabel("median latency per batch (ms)")
+            ax.set_ylabel("median latency per batch (ms; bars: 95% interval)")
             ax.set_title(f"{key[0]} {key[1]} ({key[2]})", fontsize=10)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
@@ -450,8 +524,8 @@ def write_report(run_dir: str | os.PathLike, formats: Sequence[str] = ("md",), p
 
 def summary_rows(s: StudyReport) -> tuple[list[str], list[list[Any]]]:
     """A narrow version of the comparison table for the terminal."""
-    keys = ("variant", "top1_pct", "top1_change_pts", "size_mib", "macs_m", "latency_median_ms", "latency_p99_ms",
-            "speedup")
-    heads = ["variant", "top-1 %", "Δ pts", "MiB", "MMACs", "median ms", "p99 ms", "speed-up"]
+    keys = ("variant", "top1_pct", "top1_change_pts", "size_mib", "macs_m", "latency_median_ms", "speedup",
+            "verdict")
+    heads = ["variant", "top-1 %", "Δ pts", "MiB", "MMACs", "median ms", "speed-up [95%]", "verdict"]
     specs = dict((k, spec) for k, _, spec in COLUMNS)
-    return heads, [[fmt(r.get(k), specs[k]) for k in keys] for r in s.rows]
+    return heads, [[fmt(r.get(k), specs[k], r) for k in keys] for r in s.rows]

@@ -122,8 +122,13 @@ def test_pipeline_runs_caches_and_forces(cli, tmp_path, one_thread):
     first = cli("-q", "pipeline", recipe, "-o", run_dir)
     doc = _run_doc(run_dir)
     n = len(doc["log"])
-    # original: load, evaluate, export, quantize, 3 benches; the variant: prune + the same 6
-    assert n == 14 and doc["stages_run"] == n and doc["stages_cached"] == 0 and doc["status"] == "finished"
+    # original: load, evaluate, export, quantize; the variant: prune, evaluate, export, quantize; then one
+    # paired bench stage per backend (torch: 2 checkpoints; ort: 2 FP32 + 2 INT8 ONNX files)
+    assert n == 10 and doc["stages_run"] == n and doc["stages_cached"] == 0 and doc["status"] == "finished"
+    benches = [json.loads(p.read_text())["record"] for p in sorted((run_dir / "stages").glob("bench-*/record.json"))]
+    assert sorted(len({r["artifact"] for r in b["results"]}) for b in benches) == [2, 4]
+    for b in benches:  # all artifacts of a backend in one session, original first
+        assert len({r["session"] for r in b["results"]}) == 1 and b["results"][0]["branch"] == "original"
     assert "mag50" in first.output and "original" in first.output
     records = sorted((run_dir / "stages").glob("*/record.json"))
     assert len(records) == n
@@ -135,6 +140,9 @@ def test_pipeline_runs_caches_and_forces(cli, tmp_path, one_thread):
     assert [r["variant"] for r in rows] == ["original", "mag50"]
     assert rows[1]["macs_reduction_pct"] > 30 and rows[0]["top1_change_pts"] == 0
     assert rows[1]["latency_median_ms"] > 0 and rows[1]["backend"] == "torch"
+    assert rows[1]["paired"] is True and rows[1]["speedup"] > 0  # paired round by round (2 rounds: no interval)
+    latency = json.loads((run_dir / "report.json").read_text())["studies"][0]["latency"]
+    assert len(latency) == 6 and all(r["paired"] in (True, None) for r in latency)
     for png in (run_dir / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((run_dir / "plots").glob("*.png"))) == 2  # one batch size: no latency-vs-batch plot
@@ -154,7 +162,7 @@ def test_pipeline_runs_caches_and_forces(cli, tmp_path, one_thread):
     write(recipe, recipe.read_text().replace("iters: 2", "iters: 3"))  # only the benchmarks depend on it
     cli("-q", "pipeline", recipe, "-o", run_dir, "--no-plots")
     doc = _run_doc(run_dir)
-    assert [e["stage"].split("-")[0] for e in doc["log"] if e["status"] == "ran"] == ["bench"] * 6
+    assert [e["stage"].split("-")[0] for e in doc["log"] if e["status"] == "ran"] == ["bench"] * 2
 
     cli("-q", "pipeline", recipe, "-o", run_dir, "--force", "--no-plots")
     doc = _run_doc(run_dir)
@@ -177,8 +185,7 @@ def test_int8_is_quantized_for_the_backend_that_runs_it(tmp_path):
     plan = plan_study(recipe.studies[0], tmp_path, tensorrt=True)  # planning only: no TensorRT needed
     b = plan.branches[0]
     assert b.quantize["int8"].options["target"] == "ort-cpu" and "target" not in b.quantize["fp16"].options
-    ort_int8 = [s for p, backend, s in b.bench if p == "int8" and backend == "ort"]
-    assert [s.parent for s in ort_int8] == [b.quantize["int8"]]
+    assert [src for p, backend, _, src in b.bench if p == "int8" and backend == "ort"] == [b.quantize["int8"]]
     assert b.build["int8"].parent is b.quantize_trt["int8"] and b.quantize_trt["int8"].options["target"] == "tensorrt"
     assert b.build["fp16"].parent is b.quantize["fp16"] and b.build["fp32"].parent is b.export
     assert b.quantize_trt["int8"] in plan.stages() and b.quantize_trt["int8"].key != b.quantize["int8"].key

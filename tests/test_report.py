@@ -102,3 +102,56 @@ def test_markdown_csv_json_and_plots(cli, tmp_path):
 
 def test_report_on_a_directory_without_a_run(cli, tmp_path):
     assert_one_line_error(cli("report", tmp_path, ok=False), "no run.json")
+
+
+def test_report_refuses_a_run_without_stage_records(cli, tmp_path):
+    """A recorded run whose stage caches were not kept: say how to rebuild, write nothing over the report."""
+    import shutil
+
+    run = make_run(tmp_path / "run")
+    (run / "report.md").write_text("kept")
+    shutil.rmtree(run / "stages")
+    assert_one_line_error(cli("report", run, ok=False), "no stage records", "deploycomp pipeline hand.yaml")
+    assert (run / "report.md").read_text() == "kept"
+
+
+def test_paired_bench_stage_gives_intervals_verdicts_and_error_bars(cli, tmp_path):
+    """One bench stage timed both artifacts in one session: the report pairs them round by round."""
+    from deploycomp.bench.paired import paired_speedup
+    from deploycomp.report import study_reports
+
+    run = make_run(tmp_path / "run")
+    ref_blocks = [2.0, 2.2, 1.8, 2.0, 2.1, 1.9]
+    pruned_blocks = [1.0, 1.2, 0.8, 1.1, 1.0, 0.9]
+
+    def row(source, blocks):
+        r = _bench(1, sorted(blocks)[3], 3.0, 500.0)
+        r.update({"session": "s1", "block_medians_ms": blocks, "latency_median_ci95_ms": [min(blocks), max(blocks)],
+                  "source_stage": source, "conditions": {"other_cpu_pct": 3.0, "load_avg_1m_before": 0.4}})
+        return r
+
+    shared = {"results": [row("export-o", ref_blocks), row("export-p", pruned_blocks)], "paired": True}
+    d = run / "stages" / "bench-shared"
+    d.mkdir()
+    (d / "record.json").write_text(json.dumps({"stage": "bench", "record": shared}))
+    doc = json.loads((run / "run.json").read_text())
+    for b, src in zip(doc["studies"][0]["branches"], ("export-o", "export-p"), strict=True):
+        b["bench"] = [{"precision": "fp32", "backend": "ort", "stage": "bench-shared", "source": "export",
+                       "source_stage": src}]
+    doc["studies"][0]["bench"]["batches"] = [1]
+    (run / "run.json").write_text(json.dumps(doc))
+
+    _, (s,) = study_reports(run)
+    assert len(s.latency_rows) == 2  # each branch takes only its own row of the shared stage
+    o, p = s.rows
+    expected = paired_speedup(ref_blocks, pruned_blocks)
+    assert p["paired"] is True and p["speedup"] == expected.speedup and p["speedup_ci95"] == list(expected.ci95)
+    assert p["verdict"] == expected.verdict == "faster" and o["verdict"] is None and o["speedup"] == 1.0
+    cli("report", run)
+    cli("report", run, "--format", "csv", "--no-plots")
+    md = (run / "report.md").read_text()
+    cell = f"{expected.speedup:.2f} [{expected.ci95[0]:.2f}, {expected.ci95[1]:.2f}] | faster |"
+    assert cell in md and "paired round by round" in md and "other processes used at most 3%" in md
+    rows = list(csv.DictReader(io.StringIO((run / "report.csv").read_text())))
+    assert float(rows[1]["speedup_ci95_low"]) == expected.ci95[0] and rows[1]["verdict"] == "faster"
+    assert (run / "plots" / "accuracy_vs_latency.png").stat().st_size > 5000

@@ -1,9 +1,12 @@
 """Planning: a study of a recipe -> its stage graph (the original branch first, then every variant).
 
 Each branch is a row of the report: its compression steps, then evaluate, export, quantize (one stage
-per precision), build (one engine per ONNX when TensorRT is present) and bench (one stage per artifact
-and backend of the artifact's family). INT8 is quantized for the backend that runs it: the ONNX that
-ONNX Runtime times is made for ``ort-cpu``, the one a TensorRT engine is built from for ``tensorrt``.
+per precision) and build (one engine per ONNX when TensorRT is present). Benchmarking is per study, not
+per branch: one bench stage per backend times every artifact of that backend's family (all variants,
+all precisions) together, in interleaved rounds, so that every speed-up in the report is paired
+(docs/bench-schema.md, "How comparisons are made"). Those stages run after all the branches' stages.
+INT8 is quantized for the backend that runs it: the ONNX that ONNX Runtime times is made for
+``ort-cpu``, the one a TensorRT engine is built from for ``tensorrt``.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ class Branch:
     quantize: dict[str, Stage] = field(default_factory=dict)  # precision -> stage (the graph ONNX Runtime times)
     quantize_trt: dict[str, Stage] = field(default_factory=dict)  # precision -> INT8 graph made for TensorRT builds
     build: dict[str, Stage] = field(default_factory=dict)  # precision -> stage
-    bench: list[tuple[str, str, Stage]] = field(default_factory=list)  # (precision, backend, stage)
+    artifacts: list[tuple[str, Stage]] = field(default_factory=list)  # (precision, stage) of what gets timed
+    bench: list[tuple[str, str, Stage, Stage]] = field(default_factory=list)  # (precision, backend, bench, source)
 
     def stages(self) -> list[Stage]:
+        """The branch's own stages (the study's shared bench stages are not among them)."""
         out = [*self.steps, self.evaluate, self.export, *self.quantize.values(), *self.quantize_trt.values(),
-               *self.build.values(),
-               *(s for _, _, s in self.bench)]
+               *self.build.values()]
         return [s for s in out if s is not None]
 
     def to_dict(self) -> dict[str, Any]:
@@ -46,8 +50,8 @@ class Branch:
                 "quantize": {k: s.id for k, s in self.quantize.items()},
                 "quantize_trt": {k: s.id for k, s in self.quantize_trt.items()},
                 "build": {k: s.id for k, s in self.build.items()},
-                "bench": [{"precision": p, "backend": b, "stage": s.id, "source": s.parent.kind,
-                           "source_stage": s.parent.id} for p, b, s in self.bench]}
+                "bench": [{"precision": p, "backend": b, "stage": s.id, "source": src.kind, "source_stage": src.id}
+                          for p, b, s, src in self.bench]}
 
 
 @dataclass
@@ -58,6 +62,7 @@ class StudyPlan:
     device: str | None
     data_dir: str | None
     notes: list[str]
+    bench: list[Stage] = field(default_factory=list)  # one per backend: every artifact of the study, paired
     data_name: str | None = None  # the dataset the load stage settled on (the model's, unless the recipe says)
     data_size: tuple[int, int] | None = None  # (H, W) the model takes
     _data: Any = None
@@ -91,7 +96,7 @@ class StudyPlan:
 
     def stages(self) -> list[Stage]:
         seen, out = set(), []
-        for s in [self.root, *(x for b in self.branches for x in b.stages())]:
+        for s in [self.root, *(x for b in self.branches for x in b.stages()), *self.bench]:
             if s.key not in seen:
                 seen.add(s.key)
                 out.append(s)
@@ -152,14 +157,11 @@ def plan_study(study: Study, base_dir: Path, tensorrt: bool) -> StudyPlan:
         _plan_deploy(b, o, study, tensorrt, eval_opts, notes)
     if not tensorrt and (o.get("build") or {}).get("enabled", True) and o.get("build") is not None:
         notes.append("TensorRT is not installed here: no engines were built and the trt backend was not measured")
-    return StudyPlan(study, root, branches, device, data_dir, notes)
+    return StudyPlan(study, root, branches, device, data_dir, notes, _plan_bench(branches, o, study))
 
 
 def _plan_deploy(b: Branch, o: dict, study: Study, tensorrt: bool, eval_opts: dict, notes: list[str]) -> None:
     label = f"{study.name}/{b.name}"
-    bench = o.get("bench")
-    backends = list((bench or {}).get("backends") or ("torch", "ort"))
-    bench_opts = _given(bench, ("backends",)) if bench is not None else None
     artifacts: list[tuple[str, Stage]] = [("fp32", b.model)]
     if o.get("export") is not None:
         b.export = Stage("export", _given(o["export"]), b.model, f"{label}: export")
@@ -175,17 +177,41 @@ def _plan_deploy(b: Branch, o: dict, study: Study, tensorrt: bool, eval_opts: di
                     src = b.quantize_trt[prec] = _quantize_stage(b, q, prec, "tensorrt", eval_opts, label)
                 b.build[prec] = Stage("build", _given(build, ("enabled",)), src, f"{label}: build {prec}")
                 artifacts.append((prec, b.build[prec]))
-    if bench_opts is None:
-        return
+    if o.get("bench") is not None:
+        b.artifacts = artifacts
+
+
+NATURAL_BACKEND = {"export": "ort", "quantize": "ort", "build": "trt"}  # stage kind -> backend (else torch)
+
+
+def _plan_bench(branches: list[Branch], o: dict, study: Study) -> list[Stage]:
+    """One bench stage per backend, timing every branch's artifacts of that backend's family together.
+
+    The artifacts are listed original first, then in branch order, FP32 before the other precisions of a
+    branch, so the first of each backend is the original FP32 model: the reference of the comparison.
+    Their stage ids are inputs of the bench stage, so a change anywhere upstream re-times that backend.
+    """
     from deploycomp.bench.backends import get_backend
 
-    for prec, stage in artifacts:
-        natural = {"export": "ort", "quantize": "ort", "build": "trt"}.get(stage.kind, "torch")
-        for backend in backends:
-            if get_backend(backend).family != get_backend(natural).family:
-                continue
-            opts = {**bench_opts, "backend": backend}
-            b.bench.append((prec, backend, Stage("bench", opts, stage, f"{label}: bench {backend} {prec}")))
+    bench = o.get("bench")
+    if bench is None:
+        return []
+    backends = list(bench.get("backends") or ("torch", "ort"))
+    options = _given(bench, ("backends",))
+    stages = []
+    for backend in backends:
+        items = [(b, prec, src) for b in branches for prec, src in b.artifacts
+                 if get_backend(backend).family == get_backend(NATURAL_BACKEND.get(src.kind, "torch")).family]
+        if not items:
+            continue
+        listing = [{"branch": b.name, "precision": prec, "source": src.kind} for b, prec, src in items]
+        stage = Stage("bench", {**options, "backend": backend, "artifacts": listing}, None,
+                      f"{study.name}: bench {backend} ({len(items)} artifacts, paired)",
+                      {"artifacts": [src.id for _, _, src in items]})
+        for b, prec, src in items:
+            b.bench.append((prec, backend, stage, src))
+        stages.append(stage)
+    return stages
 
 
 def _quantize_stage(b: Branch, q: dict, precision: str, target: str, eval_opts: dict, label: str) -> Stage:

@@ -138,11 +138,8 @@ def validate_values(study: Study, base_dir: Path) -> None:
 
     o, w, p = study.options, study.where, study.path
     d = o.get("data") or {}
-    if d.get("name"):
-        _checked(w, f"{p}data.name", None, lambda: data_mod.DATASETS.get(d["name"]))
-    for k in ("eval_samples", "eval_batch"):
-        if d.get(k) is not None and d[k] <= 0:
-            raise RecipeError(f"{w}: {p}data.{k}: must be a positive integer, got {d[k]}")
+    _registered(w, f"{p}data.name", d.get("name"), data_mod.DATASETS)
+    _positive(w, f"{p}data", d, ("eval_samples", "eval_batch"))
     if d.get("input_size") is not None and min(d["input_size"]) <= 0:
         raise RecipeError(f"{w}: {p}data.input_size: must be two positive integers [H, W], got {list(d['input_size'])}")
     _checked(w, f"{p}model", None, lambda: resolve_model_ref(o.get("model"), base_dir))
@@ -166,19 +163,14 @@ def validate_values(study: Study, base_dir: Path) -> None:
 
         e = o["export"]
         _checked(w, f"{p}export", e, lambda: resolve_exporter(e.get("exporter"), e.get("opset")))
-        if e.get("batch") is not None and e["batch"] < 1:
-            raise RecipeError(f"{w}: {p}export.batch: must be a positive integer, got {e['batch']}")
+        _positive(w, f"{p}export", e, ("batch",))
     if o.get("quantize"):
         from deploycomp.quantize import CALIBRATION_METHODS, PRECISIONS
 
         q = o["quantize"]
-        for j, prec in enumerate(q.get("precisions") or ()):
-            _checked(w, f"{p}quantize.precisions[{j}]", None, lambda prec=prec: PRECISIONS.get(prec))
-        if q.get("calib_method"):
-            _checked(w, f"{p}quantize.calib_method", None, lambda: CALIBRATION_METHODS.get(q["calib_method"]))
-        for k in ("calib_samples", "calib_batch"):
-            if q.get(k) is not None and q[k] <= 0:
-                raise RecipeError(f"{w}: {p}quantize.{k}: must be a positive integer, got {q[k]}")
+        _registered(w, f"{p}quantize.precisions", q.get("precisions"), PRECISIONS)
+        _registered(w, f"{p}quantize.calib_method", q.get("calib_method"), CALIBRATION_METHODS)
+        _positive(w, f"{p}quantize", q, ("calib_samples", "calib_batch"))
     if o.get("build"):
         from deploycomp.trt import PRECISIONS as TRT_PRECISIONS
 
@@ -188,12 +180,22 @@ def validate_values(study: Study, base_dir: Path) -> None:
                               f"(the graph's own), got {b['precision']!r}")
     if o.get("bench"):
         b = o["bench"]
-        for j, name in enumerate(b.get("backends") or ()):
-            _checked(w, f"{p}bench.backends[{j}]", None, lambda name=name: BACKENDS.get(name))
+        _registered(w, f"{p}bench.backends", b.get("backends"), BACKENDS)
         _checked(w, f"{p}bench", b, lambda: bench_config(b, "torch", None).validate())
-    r = o.get("report") or {}
-    if r.get("backend"):
-        _checked(w, f"{p}report.backend", None, lambda: BACKENDS.get(r["backend"]))
+    _registered(w, f"{p}report.backend", (o.get("report") or {}).get("backend"), BACKENDS)
+
+
+def _positive(where: str, path: str, section: dict, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        if section.get(k) is not None and section[k] <= 0:
+            raise RecipeError(f"{where}: {path}.{k}: must be a positive integer, got {section[k]}")
+
+
+def _registered(where: str, path: str, names: str | tuple[str, ...] | None, registry) -> None:
+    """Each of ``names`` (one name, or a list: ``path[i]`` in messages) is in ``registry``."""
+    items = [(path, names)] if isinstance(names, str) else [(f"{path}[{j}]", n) for j, n in enumerate(names or ())]
+    for at, name in items:
+        _checked(where, at, None, lambda name=name: registry.get(name))
 
 
 def _check_train_extras(where: str, path: str, t: dict) -> None:

@@ -99,6 +99,8 @@ class StageRun:
 
 
 def _save_model(ckpt, run: StageRun) -> Path:
+    """The stage's model, saved into its directory: a new artifact of the run (its lineage continues from here)."""
+    ckpt.source = None
     out = run.dir / MODEL_FILE
     ckpt.save(out)
     return out
@@ -114,7 +116,6 @@ def _stage_load(run: StageRun) -> dict[str, Any]:
     ckpt, ds = load_inputs(run.stage.local["model_path"], data=o.get("data"), data_dir=run.stage.local["data_dir"],
                            need_train=False, input_size=tuple(o["input_size"]) if o.get("input_size") else None)
     run.study.use_data(ds)
-    ckpt.source = None  # a copy inside the run: its lineage continues from here
     _save_model(ckpt, run)
     return {"model": o["model"], "arch": ckpt.arch, "dataset": ds.info.as_dict(),
             **model_metrics(ckpt.model, ckpt.input_shape)}
@@ -152,7 +153,6 @@ def _stage_train(run: StageRun) -> dict[str, Any]:
     """Train the previous model (or a fresh zoo model): plain, sparse (slimming), stochastic depth, frozen."""
     o = run.options
     ckpt = _fresh_model(o["model"], run) if o.get("model") else run.load_parent_checkpoint()
-    ckpt.source = None
     penalties, lineage = [], {}
     if o.get("sparsity") is not None:
         from deploycomp.prune.slimming import bn_sparsity_penalty
@@ -182,7 +182,6 @@ def _stage_distill(run: StageRun) -> dict[str, Any]:
     o = run.options
     teacher = load_checkpoint(run.runner.artifact_of_key(run.stage.inputs["teacher_stage"]))
     student = run.load_parent_checkpoint() if o["student"] == "parent" else _fresh_model(o["student"], run)
-    student.source = None
     if teacher.num_classes is not None and student.num_classes is not None and \
             teacher.num_classes != student.num_classes:
         raise UsageError(f"{run.stage.label}: the teacher predicts {teacher.num_classes} classes but the student "
@@ -213,7 +212,6 @@ def _stage_prune(run: StageRun) -> dict[str, Any]:
     what = f"ratio {cfg.ratio}" if cfg.ratio is not None else "target"
     console.info(f"{run.stage.label}: pruning with {cfg.method} ({what}), fine-tuning {cfg.finetune_epochs} epoch(s)")
     pruned, record = prune_checkpoint(ckpt, run.data(need_train=True), cfg)
-    pruned.source = None
     _save_model(pruned, run)
     return record
 
@@ -277,12 +275,20 @@ def _stage_build(run: StageRun) -> dict[str, Any]:
 
 @register_stage("bench", "bench.json")
 def _stage_bench(run: StageRun) -> dict[str, Any]:
-    """Latency and throughput of the parent's artifact with one backend at every batch size."""
+    """Every artifact of one backend's family in the study, timed together in interleaved rounds (paired)."""
     from deploycomp import bench
 
     o = run.options
-    cfg = bench_config(o, o["backend"], run.study.device)
-    console.info(f"{run.stage.label}: benchmarking ({o['backend']}, batch {', '.join(map(str, cfg.batches))})")
-    results = bench.benchmark([str(run.parent_artifact())], cfg)
+    listing = o["artifacts"]
+    paths = [str(run.runner.artifact_of_key(stage_id)) for stage_id in run.stage.inputs["artifacts"]]
+    cfg = bench_config(_given(o, ("artifacts",)), o["backend"], run.study.device)
+    console.info(f"{run.stage.label}: timing {len(paths)} artifacts in alternation ({o['backend']}, batch "
+                 f"{', '.join(map(str, cfg.batches))})")
+    results = bench.benchmark(paths, cfg)
+    by_path = dict(zip(paths, zip(listing, run.stage.inputs["artifacts"], strict=True), strict=True))
+    for r in results:  # which branch and precision each row is, for the report
+        item, source_stage = by_path[r["artifact"]]
+        r.update({"branch": item["branch"], "branch_precision": item["precision"], "source": item["source"],
+                  "source_stage": source_stage})
     bench.write_json(str(run.dir / "bench.json"), results)
-    return {"backend": o["backend"], "results": results}
+    return {"backend": o["backend"], "paired": True, "results": results}
