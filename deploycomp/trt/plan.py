@@ -120,7 +120,8 @@ def _plan_trt10(requested: str, onnx_precision: str, major: int) -> PrecisionPla
     if onnx_precision == "fp32" and requested == "int8":
         return PrecisionPlan("int8", "fp32", major, quantize_first="int8",
                              notes=("INT8 comes from Q/DQ nodes (explicit quantization), not TensorRT 10's deprecated "
-                                    "calibrators: running `deploycomp quantize --precision int8` first",))
+                                    "calibrators: running `deploycomp quantize --precision int8 --target tensorrt` "
+                                    "first",))
     return PrecisionPlan(requested, onnx_precision, major, strongly_typed=True)
 
 
@@ -129,8 +130,8 @@ def _plan_trt11(requested: str, onnx_precision: str, major: int) -> PrecisionPla
     if onnx_precision == "fp32" and requested in ("fp16", "int8"):
         return PrecisionPlan(requested, "fp32", major, quantize_first=requested,
                              notes=(f"TensorRT {major} is strongly typed and has no precision flags: the graph must "
-                                    f"be {requested} already, so `deploycomp quantize --precision {requested}` runs "
-                                    "first",))
+                                    f"be {requested} already, so `deploycomp quantize --precision {requested}"
+                                    f"{' --target tensorrt' if requested == 'int8' else ''}` runs first",))
     return PrecisionPlan(requested, onnx_precision, major, strongly_typed=True)
 
 
