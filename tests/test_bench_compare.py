@@ -228,3 +228,37 @@ def test_noise_warning_fires_on_a_drifting_run_and_not_on_a_steady_one(virtual_c
     virtual_clock(m)
     drifting = statistics(measure_rounds([FakeRunner(m, 1e-3)], DEFAULT)[0], batch=1)
     assert any("only known to within" in w for w in drifting["warnings"])
+
+
+def test_int8_slower_than_its_fp32_original_is_flagged_with_the_reason(tmp_path):
+    """The INT8 row names its FP32 original (from the sidecar, checked by SHA-256) and the target it was made for."""
+    import json as _json
+
+    from deploycomp.files import sha256
+
+    fp32 = tmp_path / "m.onnx"
+    fp32.write_bytes(b"fp32 model")
+    for name, target in (("m.int8-tensorrt.onnx", "tensorrt"), ("m.int8.onnx", "ort-cpu")):
+        (tmp_path / name).write_bytes(b"int8 model " + target.encode())
+        (tmp_path / f"{name}.json").write_text(_json.dumps({
+            "command": "quantize", "precision": "int8", "source_onnx": str(fp32), "source_onnx_sha256": sha256(fp32),
+            "quantization": {"target": target}}))
+
+    def row(path, blocks, precision):
+        return {"label": path.stem, "artifact": str(path), "backend": "ort", "device": "cpu", "batch": 1,
+                "precision": precision, "session": "s", "latency_ms": {"median": sorted(blocks)[3]},
+                "block_medians_ms": blocks, "macs": None, "warnings": [], "conditions": {}}
+
+    ref = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0]
+    rows = [row(fp32, ref, "fp32"), row(tmp_path / "m.int8-tensorrt.onnx", [3 * x for x in ref], "int8"),
+            row(tmp_path / "m.int8.onnx", [x / 3 for x in ref], "int8")]
+    compare_results(rows)
+    trt_row, ort_row = rows[1], rows[2]
+    assert trt_row["verdict"] == "slower" and ort_row["verdict"] == "faster"
+    (flag,) = [w for w in trt_row["warnings"] if "INT8 is slower" in w]
+    assert "FP32 original m on ort" in flag and "0.33 [0.33, 0.33]x" in flag and "--target ort-cpu" in flag
+    assert not any("INT8" in w for w in ort_row["warnings"])
+    (tmp_path / "m.onnx").write_bytes(b"another model")  # the original changed: nothing is claimed
+    rows = [row(fp32, ref, "fp32"), row(tmp_path / "m.int8-tensorrt.onnx", [3 * x for x in ref], "int8")]
+    compare_results(rows)
+    assert not any("INT8" in w for w in rows[1]["warnings"])

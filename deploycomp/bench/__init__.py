@@ -288,6 +288,7 @@ def compare(results: list[dict], margin_pct: float | None = None) -> list[dict]:
         if ref.get("macs") and r.get("macs"):
             r["macs_reduction"] = ref["macs"] / r["macs"]
             r["speedup_efficiency"] = r["speedup"] / r["macs_reduction"]
+    _flag_slow_int8(results, margin)
     sessions: set = set()
     for r in results:
         _check_drift(r)
@@ -298,6 +299,36 @@ def compare(results: list[dict], margin_pct: float | None = None) -> list[dict]:
         if w:
             _warn_once(r, w)
     return results
+
+
+def _flag_slow_int8(results: list[dict], margin_pct: float) -> None:
+    """An INT8 ONNX model timed slower than its FP32 original in the same session gets a warning saying why.
+
+    The original is found through the quantized model's sidecar (:func:`deploycomp.quantize.fp32_source`,
+    which checks its SHA-256), the comparison is paired like every other, and the reason comes from the
+    target the model was quantized for (:func:`deploycomp.quantize.target_hint`).
+    """
+    from deploycomp.bench.paired import fmt_speedup, paired_speedup
+
+    int8 = [r for r in results if r.get("precision") == "int8" and str(r["artifact"]).endswith(".onnx")]
+    if not int8:
+        return
+    from deploycomp.export import read_sidecar
+    from deploycomp.quantize import fp32_source, target_hint
+
+    for r in int8:
+        source = fp32_source(r["artifact"])
+        original = next((o for o in results if source is not None and o is not r
+                         and o.get("session") == r.get("session") and o["batch"] == r["batch"]
+                         and Path(o["artifact"]).resolve() == source), None)
+        a, b = (original or {}).get("block_medians_ms") or [], r.get("block_medians_ms") or []
+        if original is None or len(a) != len(b) or not a:
+            continue
+        est = paired_speedup(a, b, margin_pct=margin_pct)
+        if est.verdict == "slower":
+            hint = target_hint(read_sidecar(r["artifact"]), r["backend"], r.get("device"))
+            _warn_once(r, f"INT8 is slower than its FP32 original {original['label']} on {r['backend']} "
+                          f"({fmt_speedup(est.speedup, est.ci95)}x): {hint}")
 
 
 def _warn_once(r: dict, text: str) -> None:
