@@ -122,7 +122,7 @@ def fake_model_ms(model, example) -> float:
     for name, shape in shapes.items():
         spec = layer_spec(modules[name], shape)
         h, w = spec.out_hw() if spec.kind == "conv" else (1, 1)
-        total += fake_op_ms(spec) - CALL_MS + 2e-3 * spec.c_out * h * w
+        total += fake_op_ms(spec) - CALL_MS + 8e-4 * spec.c_out * h * w
     return total
 
 
