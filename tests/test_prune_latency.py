@@ -309,6 +309,15 @@ def test_cli_trt_without_tensorrt_gives_the_install_hint(cli, tmp_path):
     assert r.exit_code == 1 and not (tmp_path / "out.pt").exists()
 
 
+def test_cli_latency_device_without_cuda(cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = cli("prune", *SYNTH, "--target-speedup", 2, "--measured", "--latency-device", "cuda", "-o", "out.pt",
+            ok=False)
+    assert_one_line_error(r, "--latency-device cuda asked for, but CUDA is not available")
+    assert r.exit_code == 2 and not (tmp_path / "out.pt").exists()
+
+
 def test_prune_help_imports_no_torch():
     import subprocess
     import sys

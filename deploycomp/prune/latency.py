@@ -124,13 +124,16 @@ def default_backend() -> str:
 
 def resolve_setup(cfg):
     """The :class:`~deploycomp.prune.probes.Setup` of ``cfg`` with every default filled in."""
-    from deploycomp.bench.backends import _resolve_device
     from deploycomp.bench.env import usable_cpus
     from deploycomp.prune.probes import Setup
+    from deploycomp.train import resolve_device
 
     backend = cfg.latency_backend or default_backend()
-    device = cfg.latency_device or ("cuda" if backend == "trt" else "cpu")
-    device = _resolve_device(device)
+    try:
+        d = resolve_device(cfg.latency_device or ("cuda" if backend == "trt" else "cpu"))
+    except UsageError as e:  # say which option asked for the device
+        raise UsageError(str(e).replace("--device", "--latency-device")) from None
+    device = "cpu" if d.type == "cpu" else f"cuda:{d.index or 0}"
     threads = cfg.latency_threads or (usable_cpus() if device == "cpu" else None)
     return Setup(backend, device, cfg.latency_batch or 1, threads)
 
@@ -510,27 +513,38 @@ class LatencySearch:
         full_ms, min_ms = p.latency(p.widest), p.latency(p.narrowest)
         reachable = full_ms / min_ms
         x = target.speedup
-        asked, measured = min(x, reachable), {}
+        asked, timed = min(x, reachable), set()
         for i in range(self.iterations):
             t0 = time.perf_counter()
             alloc = allocate(p, full_ms / asked)
-            key = tuple(alloc.choice)
-            if key in measured:
-                break  # the correction asks for a candidate already timed: nothing new to learn
+            if tuple(alloc.choice) in timed:  # the correction led back to a timed candidate: split the bracket
+                asked = self._bisect(x, reachable)
+                if asked is None:
+                    break
+                alloc = allocate(p, full_ms / asked)
+                if tuple(alloc.choice) in timed:
+                    break  # nothing new between the candidates timed so far
+            timed.add(tuple(alloc.choice))
             rec = self._verify(i, asked, alloc, full_ms)
             rec["seconds"] = time.perf_counter() - t0
-            measured[key] = rec
             self.history.append(rec)
             s = rec["measured_speedup"]
             if asked >= reachable and s < x * (1 - self.tol):
                 self._unreachable(target, rec)
             if abs(s / x - 1) <= self.tol:
                 break
-            nxt = min(max(self._next_ask(x), 1.0 + 1e-6), reachable)
-            if nxt == asked:
-                break
-            asked = nxt
+            asked = min(max(self._next_ask(x), 1.0 + 1e-6), reachable)
         return self._pick(x)
+
+    def _bisect(self, x: float, reachable: float) -> float | None:
+        """The geometric middle of the asks just below and just above the target (None: no bracket yet)."""
+        below = [r["asked_model_speedup"] for r in self.history if r["measured_speedup"] < x]
+        above = [r["asked_model_speedup"] for r in self.history if r["measured_speedup"] >= x]
+        lo = max(below, default=1.0)
+        hi = min(above, default=reachable)
+        if hi <= lo * (1 + 1e-6):
+            return None
+        return math.sqrt(lo * hi)
 
     def _unreachable(self, target: _Target, narrowest: dict[str, Any]) -> None:
         s, ci = narrowest["measured_speedup"], narrowest["measured_speedup_ci95"]
@@ -621,17 +635,18 @@ def _search(ctx, make_problem, describe, build, what_narrowest: str) -> tuple[di
     setup = resolve_setup(cfg)
     probe = get_probe(setup.backend)
     probe.check(setup)
-    problem, table = make_problem(probe, setup)
     with tempfile.TemporaryDirectory(prefix="deploycomp-latency-search-") as tmp:
-        search = LatencySearch(ctx, probe, setup, problem, describe, build, Path(tmp))
+        search = LatencySearch(ctx, probe, setup, None, describe, build, Path(tmp))
         t_orig = time.perf_counter()
         original_ms = search.measure_original()
-        target = _resolve_target(cfg, original_ms, setup)
-        layers_ms = problem.latency(problem.widest)
-        search.scale = original_ms / layers_ms
-        full_ms, min_ms = problem.latency(problem.widest), problem.latency(problem.narrowest)
-        search.narrowest = what_narrowest
+        target = _resolve_target(cfg, original_ms, setup)  # refuses a target the original already meets
         seconds_original = time.perf_counter() - t_orig
+        problem, table = make_problem(probe, setup)
+        layers_ms = problem.latency(problem.widest)
+        check(layers_ms > 0, f"the latency table of {ctx.ckpt.arch} on {setup.describe()} adds up to nothing: its "
+                             "layers take no measurable time there, so widths cannot be chosen by latency")
+        search.problem, search.scale, search.narrowest = problem, original_ms / layers_ms, what_narrowest
+        full_ms, min_ms = problem.latency(problem.widest), problem.latency(problem.narrowest)
         t_search = time.perf_counter()
         chosen = search.run(target)
         seconds_search = time.perf_counter() - t_search
@@ -661,9 +676,9 @@ def _search(ctx, make_problem, describe, build, what_narrowest: str) -> tuple[di
 
 
 def _checkpoint_copy(ckpt, model, surgery: dict[str, Any]):
-    pruned = dataclasses.replace(ckpt, model=model, metadata=copy.deepcopy(ckpt.metadata),
-                                 surgeries=[*ckpt.surgeries, surgery])
-    return pruned
+    """A candidate as a checkpoint (reloadable: the surgery is recorded); it comes from no file."""
+    return dataclasses.replace(ckpt, model=model, metadata=copy.deepcopy(ckpt.metadata),
+                               surgeries=[*ckpt.surgeries, surgery], source=None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -380,9 +380,9 @@ class TorchProbe(Probe):
     """Eager PyTorch: each layer a module; models saved as deploycomp checkpoints and loaded by bench."""
 
     def check(self, setup: Setup) -> None:
-        from deploycomp.bench.backends import _resolve_device
+        from deploycomp.train import resolve_device
 
-        _resolve_device(setup.device)  # asking for CUDA where there is none: one line
+        resolve_device(setup.device)  # asking for CUDA where there is none: one line
 
     def _runner_base(self):
         from deploycomp.bench.backends import TorchRunner
