@@ -16,10 +16,11 @@ MACs, top-1 right after pruning and after fine-tuning (the shipped baseline on F
 ResNet-50 is torchvision's architecture with random weights at 224 px, timed only), the search's time,
 and the same for the uniform model. Goal: the final session's speed-up within 10 % of every target.
 
-Recorded run (about 25 minutes on 2 idle cores: ResNet-50's latency table ~4 min, its searches and exports
-~8 min, the baseline's six 1-epoch fine-tunes ~8 min; the tables are cached, so a re-run skips them):
+Recorded run (about 25-30 minutes on 2 idle cores: ResNet-50's latency table ~6 min at one thread, its
+searches, uniform prunings and exports ~7 min, the baseline's six 1-epoch fine-tunes ~9 min; the tables are
+cached, so a re-run skips them):
 
-    python benchmarks/prune_latency.py --threads 2 --out benchmarks/results/prune_latency.md
+    python benchmarks/prune_latency.py --out benchmarks/results/prune_latency.md
 
 Smoke test at a tiny scale (minutes; the numbers mean nothing):
 
@@ -41,7 +42,8 @@ def main() -> None:
     ap.add_argument("--models", default="baseline,resnet50", help="comma-separated: baseline, resnet50")
     ap.add_argument("--targets", default="1.5,2,3", help="measured speed-ups to ask for")
     ap.add_argument("--method", default="magnitude", help="pruning criterion (both latency-aware and uniform)")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and torch threads)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="ORT intra-op threads (1: see docs/latency-pruning.md); torch uses 2 for fine-tuning")
     ap.add_argument("--latency-widths", type=int, default=6,
                     help="candidate widths per group in the table (6: ResNet-50's table in minutes)")
     ap.add_argument("--latency-iterations", type=int, default=6)
@@ -60,7 +62,7 @@ def main() -> None:
     from deploycomp import console
     from deploycomp.bench.env import capture
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(args.threads, 2))
     targets = [float(t) for t in args.targets.split(",")]
     t_all = time.perf_counter()
     load_before = _loadavg()

@@ -27,7 +27,7 @@ def latency_options(fn):
                      help="Device of the latency backend. Default: cpu (cuda for trt)."),
         click.option("--latency-batch", type=int, default=None, metavar="N", help="Batch size timed. Default: 1."),
         click.option("--latency-threads", type=int, default=None, metavar="N",
-                     help="Intra-op threads on the CPU. Default: the usable cores."),
+                     help="Intra-op threads on the CPU. Default: 1 (see docs/latency-pruning.md)."),
         click.option("--latency-widths", type=int, default=None, metavar="N",
                      help="Candidate widths per layer group in the latency table: 1/N, 2/N, ..., N/N of its "
                           "channels, multiples of --round-to. Default: 8 (fewer: a smaller table, coarser steps)."),

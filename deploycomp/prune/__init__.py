@@ -67,7 +67,7 @@ class PruneConfig:
     latency_backend: str | None = None  # ort, torch, torch-compile, trt (default: trt with a GPU, else ort)
     latency_device: str | None = None  # default: cpu (cuda for trt)
     latency_batch: int | None = None  # default: 1
-    latency_threads: int | None = None  # intra-op threads on the CPU (default: the usable cores)
+    latency_threads: int | None = None  # intra-op threads on the CPU (default: 1)
     latency_widths: int | None = None  # candidate widths per group in the latency table (default 8)
     latency_iterations: int | None = None  # candidates timed against the original at most (default 4)
     latency_tolerance_pct: float | None = None  # measured speed-up within this of the target ends it (default 5)

@@ -59,6 +59,10 @@ from deploycomp.errors import UsageError, check
 DEFAULT_WIDTHS = 8  # candidate widths per group: 1/8, 2/8, ..., 8/8 of its channels
 DEFAULT_ITERATIONS = 4  # timed candidates per search (the first allocation and up to 3 corrections)
 DEFAULT_TOLERANCE_PCT = 5.0  # a measured speed-up within 5 % of the target ends the search
+# One intra-op thread on the CPU unless asked: with two per ONNX Runtime session on a 2-core machine, the
+# worker threads of the sessions not being timed keep spinning, and the original of the baseline measured
+# 1.25 ms against 0.66 ms with one thread (a paired "2.3x" that was 1.5x; see docs/latency-pruning.md).
+DEFAULT_CPU_THREADS = 1
 CACHE_SCHEMA = "deploycomp.latency-table"
 CACHE_VERSION = 1
 CACHE_OFF = "off"
@@ -124,7 +128,6 @@ def default_backend() -> str:
 
 def resolve_setup(cfg):
     """The :class:`~deploycomp.prune.probes.Setup` of ``cfg`` with every default filled in."""
-    from deploycomp.bench.env import usable_cpus
     from deploycomp.prune.probes import Setup
     from deploycomp.train import resolve_device
 
@@ -134,7 +137,7 @@ def resolve_setup(cfg):
     except UsageError as e:  # say which option asked for the device
         raise UsageError(str(e).replace("--device", "--latency-device")) from None
     device = "cpu" if d.type == "cpu" else f"cuda:{d.index or 0}"
-    threads = cfg.latency_threads or (usable_cpus() if device == "cpu" else None)
+    threads = cfg.latency_threads or (DEFAULT_CPU_THREADS if device == "cpu" else None)
     return Setup(backend, device, cfg.latency_batch or 1, threads)
 
 
