@@ -14,7 +14,8 @@ backend, device, batch size and thread count (:class:`~deploycomp.prune.probes.S
 2. **Latency model**: a network's latency is proportional to the sum of its layers' entries at its
    widths, scaled so that the original's prediction equals its measured latency. The work outside the
    convolutions (additions, activations, pooling, layout changes) shrinks with the widths too, which a
-   constant would miss: on the shipped baseline a constant under-predicted a 4.5x speed-up as 2x.
+   constant would miss: on the shipped baseline (busy 2-core machine) a constant predicted 2x for a
+   measured 4.5x.
 3. **Allocation** (:func:`deploycomp.prune.allocate.allocate`): the widths that keep the most
    importance within the latency budget. A group keeping ``w`` channels keeps the fraction ``f_g(w)`` of
    its importance (the chosen criterion's channel scores, best channels kept); the allocator maximises
