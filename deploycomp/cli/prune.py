@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from deploycomp.cli.options import (
+    compose,
     data_options,
     device_option,
     json_option,
@@ -14,6 +15,30 @@ from deploycomp.cli.options import (
     print_json,
 )
 from deploycomp.cli.train import train_config, train_options
+
+
+def latency_options(fn):
+    """Where and how a measured latency target (--target-latency-ms, --target-speedup X --measured) is searched."""
+    return compose(
+        click.option("--latency-backend", default=None, metavar="ort|torch|torch-compile|trt",
+                     help="Backend the latency target is measured on. Default: trt when TensorRT and a GPU are "
+                          "present, else ort."),
+        click.option("--latency-device", default=None, metavar="cpu|cuda|cuda:N",
+                     help="Device of the latency backend. Default: cpu (cuda for trt)."),
+        click.option("--latency-batch", type=int, default=None, metavar="N", help="Batch size timed. Default: 1."),
+        click.option("--latency-threads", type=int, default=None, metavar="N",
+                     help="Intra-op threads on the CPU. Default: 1 (see docs/latency-pruning.md)."),
+        click.option("--latency-widths", type=int, default=None, metavar="N",
+                     help="Candidate widths per layer group in the latency table: 1/N, 2/N, ..., N/N of its "
+                          "channels, multiples of --round-to. Default: 8 (fewer: a smaller table, coarser steps)."),
+        click.option("--latency-iterations", type=int, default=None, metavar="N",
+                     help="Pruned candidates timed against the original at most. Default: 4."),
+        click.option("--latency-tolerance-pct", type=float, default=None, metavar="PCT",
+                     help="A measured speed-up within PCT % of the target ends the search. Default: 5."),
+        click.option("--latency-cache", default=None, metavar="DIR|off",
+                     help="Where measured layer latencies are cached and reused. Default: "
+                          "~/.cache/deploycomp/latency ($DEPLOYCOMP_CACHE_DIR/latency); off: measure every time."),
+    )(fn)
 
 
 def finetune_options(fn):
@@ -38,9 +63,17 @@ def finetune_options(fn):
 @click.option("--target-macs", "target_macs_g", type=float, default=None, metavar="G",
               help="Instead of --ratio: prune until the model has G x 1e9 MACs (within 2 %).")
 @click.option("--target-speedup", type=float, default=None, metavar="X",
-              help="Instead of --ratio: prune until MACs before / MACs after = X (within 2 %).")
+              help="Instead of --ratio: prune until MACs before / MACs after = X (within 2 %); with --measured, "
+                   "until the pruned model runs X times faster on the latency backend.")
+@click.option("--measured", is_flag=True,
+              help="--target-speedup is a speed-up measured on the latency backend (paired against the original), "
+                   "not a MACs ratio.")
+@click.option("--target-latency-ms", type=float, default=None, metavar="MS",
+              help="Instead of --ratio: prune until the model runs in MS milliseconds on the latency backend "
+                   "(the original's latency is measured first).")
 @click.option("--global", "global_pruning", is_flag=True,
               help="Rank channels across layers (layers end up with unequal ratios). Default: layer-wise.")
+@latency_options
 @click.option("--steps", type=int, default=1, show_default=True,
               help="Prune in N steps, re-calibrating and fine-tuning between them.")
 @click.option("--round-to", type=int, default=8, show_default=True,
@@ -79,13 +112,16 @@ def prune(opts: dict) -> None:
     Examples:
       deploycomp prune --method taylor --ratio 0.1
       deploycomp prune --method wanda --target-speedup 2 --calib-samples 1024 --finetune-epochs 3
+      deploycomp prune --method taylor --target-speedup 2 --measured          # 2x faster on ONNX Runtime CPU
+      deploycomp prune --model resnet50 --method magnitude --target-latency-ms 40 --latency-threads 2
       deploycomp prune --model resnet50 --method magnitude --ratio 0.1 --round-to 1 --finetune-epochs 0
     """
     from deploycomp.prune import PruneConfig, finetune_config, run_prune
 
     ft = train_config({**opts, "epochs": max(opts["finetune_epochs"], 1)})
     ft = finetune_config(opts["finetune_epochs"], **{k: v for k, v in vars(ft).items() if k != "epochs"})
-    keys = ("method", "ratio", "target_macs_g", "target_speedup", "global_pruning", "steps", "round_to",
+    keys = ("method", "ratio", "target_macs_g", "target_speedup", "target_latency_ms", "measured",
+            *(k for k in opts if k.startswith("latency_")), "global_pruning", "steps", "round_to",
             "calib_samples", "calib_batch", "norm", "coverage_threshold", "distill_from", "temperature", "alpha",
             "lam", "eval_samples", "seed", "device", "recalibrate_bn")
     config = PruneConfig(**{k: opts[k] for k in keys}, ignore=tuple(opts["ignore"]), finetune=ft)
@@ -126,9 +162,36 @@ def summary(record: dict) -> None:
         ("time: pruning (s)", f"{sec['pruning']:.1f}", ""),
         ("time: fine-tuning (s)", f"{sec['finetuning']:.1f}", ""),
     ]
+    rows += latency_rows(record.get("latency"))
     synthetic = " (synthetic data: accuracies mean nothing)" if record["synthetic"] else ""
     console.table(f"prune --method {record['method']}: {record['model']} -> {record.get('output', '-')}{synthetic}",
                   ["", "value", "note"], rows)
+
+
+def latency_rows(lat: dict | None) -> list[tuple[str, str, str]]:
+    """Rows for a measured latency target: target, achieved with its interval, the model, the search's time."""
+    if not lat:
+        return []
+    from deploycomp.bench.paired import fmt_speedup
+
+    s = lat["setup"]
+    where = f"{s['backend']} {s['device']}, batch {s['batch']}" + (f", {s['threads']} threads" if s["threads"] else "")
+    target = f"{lat['target_speedup']:.3g}x"
+    if lat["target_latency_ms"]:
+        target += f" ({lat['target_latency_ms']:g} ms)"
+    table, sec = lat["table"], lat["seconds"]
+    return [
+        ("latency target", target, where),
+        ("latency achieved (speed-up)", fmt_speedup(lat["achieved_speedup"], lat["achieved_speedup_ci95"],
+                                                    lat["verdict"]),
+         f"{lat['achieved_ms']:.3g} ms vs {lat['original_ms']:.3g} ms" +
+         ("" if lat["within_tolerance"] else f"; outside +-{lat['tolerance_pct']:g}%")),
+        ("latency predicted (speed-up)", f"{lat['predicted_speedup']:.3g}x",
+         f"candidate {lat['chosen_iteration']} of {len(lat['iterations'])} timed"),
+        ("latency table (layers)", f"{table['layers_measured']} measured, {table['layers_cached']} cached",
+         table["cache"] or "not cached"),
+        ("time: latency search (s)", f"{sec['total']:.1f}", f"table {sec['table']:.1f}, timing {sec['search']:.1f}"),
+    ]
 
 
 def _epochs(finetune: dict | None) -> str:

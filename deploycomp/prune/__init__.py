@@ -28,6 +28,9 @@ channel order and the classifier are untouched by it.
 
 Depth pruning (``method="depth"``) drops whole residual blocks instead: ``ratio`` is the fraction of
 the removable blocks (identity shortcut), chosen by the smallest calibration-loss rise when skipped.
+
+A measured latency target (``target_latency_ms``, or ``target_speedup`` with ``measured``) is searched
+on the deployment backend instead: see :mod:`deploycomp.prune.latency`.
 """
 
 from __future__ import annotations
@@ -57,7 +60,18 @@ class PruneConfig:
     method: str = "magnitude"  # a name in deploycomp.prune.criteria.CRITERIA
     ratio: float | None = None  # fraction of channels (depth: of removable blocks) to remove, in (0, 1)
     target_macs_g: float | None = None  # instead of ratio: MACs (G) after pruning
-    target_speedup: float | None = None  # instead of ratio: MACs before / MACs after
+    target_speedup: float | None = None  # instead of ratio: MACs before / MACs after (measured: latency ratio)
+    target_latency_ms: float | None = None  # instead of ratio: latency measured on the latency backend (ms)
+    measured: bool = False  # target_speedup is a speed-up measured on the latency backend, not a MACs ratio
+    # measured latency targets only (deploycomp.prune.latency); None means the default
+    latency_backend: str | None = None  # ort, torch, torch-compile, trt (default: trt with a GPU, else ort)
+    latency_device: str | None = None  # default: cpu (cuda for trt)
+    latency_batch: int | None = None  # default: 1
+    latency_threads: int | None = None  # intra-op threads on the CPU (default: 1)
+    latency_widths: int | None = None  # candidate widths per group in the latency table (default 8)
+    latency_iterations: int | None = None  # candidates timed against the original at most (default 4)
+    latency_tolerance_pct: float | None = None  # measured speed-up within this of the target ends it (default 5)
+    latency_cache: str | None = None  # table cache directory (default ~/.cache/deploycomp/latency; "off": none)
     global_pruning: bool = False  # rank channels across layers (layers end up with unequal ratios)
     steps: int = 1  # iterative pruning steps, fine-tuning between them
     round_to: int = 8  # kept channel counts are multiples of this (1: exact counts)
@@ -81,15 +95,22 @@ class PruneConfig:
         from deploycomp.prune.criteria import NORMS, get_criterion
 
         get_criterion(self.method)
+        from deploycomp.prune import latency
+
         targets = [n for n, v in (("--ratio", self.ratio), ("--target-macs", self.target_macs_g),
-                                  ("--target-speedup", self.target_speedup)) if v is not None]
-        check(len(targets) <= 1, f"give one of --ratio, --target-macs, --target-speedup, not {' and '.join(targets)}")
-        check(len(targets) == 1, "say how much to prune: --ratio R (e.g. 0.3), --target-macs G or --target-speedup X")
+                                  ("--target-speedup", self.target_speedup),
+                                  ("--target-latency-ms", self.target_latency_ms)) if v is not None]
+        check(len(targets) <= 1, "give one of --ratio, --target-macs, --target-speedup, --target-latency-ms, not "
+                                 f"{' and '.join(targets)}")
+        check(len(targets) == 1, "say how much to prune: --ratio R (e.g. 0.3), --target-macs G, --target-speedup X "
+                                 "or --target-latency-ms MS")
+        latency.validate(self)
         check(self.ratio is None or 0 < self.ratio < 1, f"--ratio must be in (0, 1), got {self.ratio}")
         check(self.target_macs_g is None or self.target_macs_g > 0,
               f"--target-macs must be positive, got {self.target_macs_g}")
         check(self.target_speedup is None or self.target_speedup > 1,
-              f"--target-speedup must be above 1 (MACs before / after), got {self.target_speedup}")
+              f"--target-speedup must be above 1 ({'measured' if self.measured else 'MACs before / after'}), "
+              f"got {self.target_speedup}")
         check(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         check(self.round_to >= 1, f"--round-to must be at least 1, got {self.round_to}")
         check(self.calib_samples > 0, f"--calib-samples must be positive, got {self.calib_samples}")
@@ -107,6 +128,11 @@ class PruneConfig:
     @property
     def finetune_epochs(self) -> int:
         return self.finetune.epochs if self.finetune is not None else 0
+
+    @property
+    def latency_target(self) -> bool:
+        """True when the target is a latency measured on the latency backend."""
+        return self.target_latency_ms is not None or (self.target_speedup is not None and self.measured)
 
 
 def finetune_config(epochs: int = 1, **overrides) -> TrainConfig | None:
@@ -137,6 +163,7 @@ class _Context:
     n_remove: int | None = None  # depth by ratio: blocks to remove over all steps
     removed: int = 0  # depth: blocks removed so far
     block_macs: dict[str, int] = field(default_factory=dict)  # depth by target: MACs inside each block
+    latency: dict[str, Any] | None = None  # measured latency target: what the search measured (the record's)
 
 
 def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, Any]]:
@@ -177,7 +204,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
                   "weights_size_mib": state_dict_size_mib(model)}
     layers_before = layer_channels(model)
     ctx = _Context(ckpt, cfg, criterion, example, ignored, before["macs"])
-    strategy = STRATEGIES[criterion.granularity]()
+    strategy = _strategy(criterion, cfg)
     seconds = {"calibration": 0.0, "pruning": 0.0, "finetuning": 0.0}
 
     def evaluate_now(what: str) -> dict[str, float]:
@@ -241,6 +268,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
         "removed_blocks": [b for s in steps_done for b in s.get("blocks", [])],
         "accuracy": {"before": acc_before, "after_pruning": after_pruning, "after_finetuning": final},
         "seconds": seconds, "steps": steps_done, "notes": ctx.notes, "layers": layers_after,
+        "latency": ctx.latency,
     }
     pruned = dataclasses.replace(ckpt, metadata=copy.deepcopy(ckpt.metadata), surgeries=list(ckpt.surgeries))
     for s in steps_done:
@@ -395,6 +423,15 @@ class _Blocks:
 
 
 STRATEGIES = {"channels": _Channels, "blocks": _Blocks}
+
+
+def _strategy(criterion, cfg: PruneConfig):
+    """The strategy for the criterion's granularity; a measured latency target has its own pair."""
+    if cfg.latency_target:
+        from deploycomp.prune.latency import STRATEGIES as LATENCY_STRATEGIES
+
+        return LATENCY_STRATEGIES[criterion.granularity]()
+    return STRATEGIES[criterion.granularity]()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,7 +649,9 @@ def _what(cfg: PruneConfig) -> str:
         return f"ratio {cfg.ratio}, {'global' if cfg.global_pruning else 'layer-wise'}"
     if cfg.target_macs_g is not None:
         return f"target {cfg.target_macs_g} G MACs"
-    return f"target speed-up {cfg.target_speedup}x (MACs)"
+    if cfg.target_latency_ms is not None:
+        return f"target latency {cfg.target_latency_ms} ms, measured"
+    return f"target speed-up {cfg.target_speedup}x ({'measured' if cfg.measured else 'MACs'})"
 
 
 __all__ = ["PruneConfig", "finetune_config", "prune_channels", "prune_checkpoint", "run_prune"]
