@@ -196,3 +196,14 @@ def test_int8_is_quantized_for_the_backend_that_runs_it(tmp_path):
 def test_recipe_cannot_pick_the_int8_target(cli, tmp_path):
     recipe = write(tmp_path / "t.yaml", VALID.replace("calib_batch: 8}", "calib_batch: 8, target: tensorrt}"))
     assert_one_line_error(cli("pipeline", recipe, "-o", tmp_path / "run", ok=False), "quantize.target", "unknown key")
+
+
+def test_variant_descriptions_name_what_a_prune_step_asks_for():
+    from deploycomp.pipeline.plan import describe_steps
+
+    assert describe_steps({"prune": {"method": "taylor", "target_latency_ms": 40, "latency_backend": "ort"}}) == \
+        "prune taylor 40 ms measured on ort, fine-tune 1 ep"
+    assert describe_steps({"prune": {"target_speedup": 2.0, "measured": True, "finetune": None}}) == \
+        "prune magnitude 2x measured, no fine-tune"
+    assert describe_steps({"prune": {"target_speedup": 2.0}}) == "prune magnitude 2x MACs, fine-tune 1 ep"
+    assert describe_steps({"prune": {"target_macs_g": 1.5}}) == "prune magnitude 1.5 GMACs, fine-tune 1 ep"

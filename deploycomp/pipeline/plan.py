@@ -237,10 +237,23 @@ def describe_steps(v: dict[str, Any]) -> str:
         parts.append(f"distill into {dd['student']}")
     p = v.get("prune")
     if p:
-        amount = f"{p['ratio']:g}" if p.get("ratio") is not None else (
-            f"{p['target_macs_g']:g} GMACs" if p.get("target_macs_g") else f"{p.get('target_speedup')}x")
+        amount = _prune_amount(p)
         ft = p.get("finetune", {}) or {}
         ft_text = "no fine-tune" if "finetune" in p and p["finetune"] is None else \
             f"fine-tune {ft.get('epochs', 1)} ep"
         parts.append(f"prune {p.get('method', 'magnitude')} {amount}, {ft_text}")
     return " -> ".join(parts)
+
+
+def _prune_amount(p: dict[str, Any]) -> str:
+    """``0.3``, ``1.2 GMACs``, ``2x MACs``, ``2x measured on ort`` or ``40 ms measured``: what a prune step asks."""
+    on = f" on {p['latency_backend']}" if p.get("latency_backend") else ""
+    if p.get("ratio") is not None:
+        return f"{p['ratio']:g}"
+    if p.get("target_macs_g") is not None:
+        return f"{p['target_macs_g']:g} GMACs"
+    if p.get("target_latency_ms") is not None:
+        return f"{p['target_latency_ms']:g} ms measured{on}"
+    if p.get("target_speedup") is not None:
+        return f"{p['target_speedup']:g}x " + (f"measured{on}" if p.get("measured") else "MACs")
+    return "default ratio"
