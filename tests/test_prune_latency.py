@@ -17,8 +17,9 @@ from deploycomp.data import load_dataset
 from deploycomp.inputs import Data
 from deploycomp.prune import PruneConfig, prune_checkpoint
 from deploycomp.prune.allocate import Problem, Term, allocate, knapsack
-from deploycomp.prune.latency import LatencyCache, candidate_widths, layer_inputs, layer_spec, measure_table
+from deploycomp.prune.latency_table import LatencyCache, measure_table
 from deploycomp.prune.probes import ModelTiming, OpSpec, Probe, Setup, register_probe
+from deploycomp.prune.structure import candidate_widths, layer_inputs, layer_spec
 from tests.conftest import assert_one_line_error
 
 # -- the allocator ---------------------------------------------------------------------------------

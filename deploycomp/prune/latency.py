@@ -9,8 +9,9 @@ backend, device, batch size and thread count (:class:`~deploycomp.prune.probes.S
    every convolution and linear layer is timed alone on the backend at each pair of candidate input and
    output widths (the widths its groups may take: ``latency_widths`` fractions of the layer, multiples
    of ``round_to``), minus the backend's cost of an empty call. Entries are cached per backend, device,
-   batch, threads, machine and library versions (:class:`LatencyCache`), so a second search on the
-   same model measures nothing.
+   batch, threads, machine and library versions (:mod:`deploycomp.prune.latency_table`), so a second
+   search on the same model measures nothing. The network as this model sees it (groups, layers,
+   candidate widths) is :mod:`deploycomp.prune.structure`.
 2. **Latency model**: a network's latency is proportional to the sum of its layers' entries at its
    widths, scaled so that the original's prediction equals its measured latency. The work outside the
    convolutions (additions, activations, pooling, layout changes) shrinks with the widths too, which a
@@ -46,16 +47,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploycomp import console
 from deploycomp.errors import UsageError, check
+from deploycomp.prune.latency_table import measure_table
+from deploycomp.prune.structure import (
+    Structure,
+    analyse_channels,
+    layer_inputs,
+    layer_spec,
+    prune_to_widths,
+)
 
 DEFAULT_WIDTHS = 8  # candidate widths per group: 1/8, 2/8, ..., 8/8 of its channels
 DEFAULT_ITERATIONS = 4  # timed candidates per search (the first allocation and up to 3 corrections)
@@ -64,10 +71,6 @@ DEFAULT_TOLERANCE_PCT = 5.0  # a measured speed-up within 5 % of the target ends
 # worker threads of the sessions not being timed keep spinning, and the original of the baseline measured
 # 1.25 ms against 0.66 ms with one thread (a paired "2.3x" that was 1.5x; see docs/latency-pruning.md).
 DEFAULT_CPU_THREADS = 1
-CACHE_SCHEMA = "deploycomp.latency-table"
-CACHE_VERSION = 1
-CACHE_OFF = "off"
-MIN_KEPT = 1e-6  # kept-importance fractions are floored here before the log
 MIN_BLOCK_VALUE = 1e-9  # a block whose skipping lowers the loss is still worth keeping when time allows
 
 # PruneConfig fields that only mean something with a measured latency target
@@ -142,327 +145,8 @@ def resolve_setup(cfg):
     return Setup(backend, device, cfg.latency_batch or 1, threads)
 
 
-def default_cache_dir() -> Path:
-    """``$DEPLOYCOMP_CACHE_DIR/latency``, else ``$XDG_CACHE_HOME/deploycomp/latency``, else ``~/.cache/...``."""
-    if os.environ.get("DEPLOYCOMP_CACHE_DIR"):
-        return Path(os.environ["DEPLOYCOMP_CACHE_DIR"]) / "latency"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "deploycomp" / "latency"
-
-
-def candidate_widths(width: int, round_to: int, n: int) -> list[int]:
-    """The widths a group of ``width`` channels may take: ``n`` evenly spaced fractions of it, rounded to
-    multiples of ``round_to`` (never below ``round_to``), and the full width."""
-    if width <= round_to:
-        return [width]
-    ws = {width}
-    for i in range(1, n):
-        w = round_to * max(1, round(width * i / n / round_to))
-        if w < width:
-            ws.add(w)
-    return sorted(ws)
-
-
 # --------------------------------------------------------------------------------------------------
-# The network as the latency model sees it
-
-
-@dataclass
-class ChannelGroup:
-    """Channels torch-pruning removes together, rooted at one layer's output channels."""
-
-    root: str  # module name of the root layer
-    width: int  # channels now
-    candidates: list[int]  # widths the search may give it, ascending (the last is ``width``)
-    ranking: list[int]  # channel indices, least important first
-    kept: list[float]  # fraction of the group's importance kept at each candidate (best channels kept)
-    sides: int = 0  # layer inputs and outputs whose width this group sets
-
-    @property
-    def values(self) -> list[float]:
-        """The allocator's value of each candidate: ``sides * log(kept fraction)`` (see the module doc)."""
-        return [self.sides * math.log(max(k, MIN_KEPT)) for k in self.kept]
-
-
-@dataclass
-class LayerSite:
-    """A convolution or linear layer: its spec now, and the groups its input / output widths belong to."""
-
-    name: str
-    spec: Any  # OpSpec
-    inp: int | None  # index of the group that sets its input width (None: fixed)
-    out: int | None  # index of the group that sets its output width (None: fixed)
-
-
-@dataclass
-class Structure:
-    groups: list[ChannelGroup]
-    layers: list[LayerSite]
-    notes: list[str] = field(default_factory=list)
-
-    def _axis(self, g: int | None, fixed: int) -> list[int]:
-        return self.groups[g].candidates if g is not None else [fixed]
-
-    def layer_specs(self, layer: LayerSite) -> list[list[Any]]:
-        """The layer's spec at every (input option, output option) pair."""
-        rows = self._axis(layer.inp, layer.spec.c_in)
-        cols = self._axis(layer.out, layer.spec.c_out)
-        if layer.inp is not None and layer.inp == layer.out:  # depthwise: input width = output width
-            return [[layer.spec.with_widths(c, c) if i == j else None for j, c in enumerate(cols)]
-                    for i, _ in enumerate(rows)]
-        return [[layer.spec.with_widths(r, c) for c in cols] for r in rows]
-
-    def specs(self) -> list[Any]:
-        """Every distinct layer spec the table needs, in a stable order."""
-        seen: dict[str, Any] = {}
-        for layer in self.layers:
-            for row in self.layer_specs(layer):
-                for s in row:
-                    if s is not None:
-                        seen.setdefault(s.key, s)
-        return list(seen.values())
-
-    def widths(self, choice) -> dict[str, int]:
-        return {g.root: g.candidates[o] for g, o in zip(self.groups, choice, strict=True)}
-
-
-def layer_inputs(model, example) -> dict[str, tuple[int, ...]]:
-    """Input shape (without batch) of every convolution and linear layer, from one forward pass."""
-    import torch
-    import torch.nn as nn
-
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def hook(name):
-        def record(module, args, out) -> None:
-            shapes.setdefault(name, tuple(args[0].shape[1:]))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
-
-
-def layer_spec(module, in_shape: tuple[int, ...]):
-    """The :class:`~deploycomp.prune.probes.OpSpec` of a Conv2d or Linear module at its current widths."""
-    import torch.nn as nn
-
-    from deploycomp.prune.probes import OpSpec
-
-    if isinstance(module, nn.Linear):
-        return OpSpec("linear", module.in_features, module.out_features)
-    pad = module.padding
-    if isinstance(pad, str):  # "same" / "valid"
-        pad = tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation, strict=True)) \
-            if pad == "same" else (0, 0)
-    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-    return OpSpec("conv", module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
-                  tuple(pad), tuple(module.dilation), depthwise, tuple(in_shape[-2:]), groups=module.groups)
-
-
-def analyse_channels(model, example, criterion, ignored: list[str], round_to: int, n_widths: int) -> Structure:
-    """Groups (with the criterion's channel ranking and the value kept at each candidate width) and layers.
-
-    Groups are torch-pruning's (``DependencyGraph.get_all_groups``, the classifier and ``ignored`` layers
-    excluded), scored by ``criterion`` exactly as torch-pruning's pruner scores them for global ranking.
-    """
-    import numpy as np
-    import torch.nn as nn
-    import torch_pruning as tp
-
-    from deploycomp.prune import _one_thread
-
-    notes: list[str] = []
-    modules = dict(model.named_modules())
-    names = {m: n for n, m in modules.items()}
-    criterion.reset()
-    in_of: dict[Any, int] = {}
-    out_of: dict[Any, int] = {}
-    mixed: set[Any] = set()  # layers whose input concatenates several groups
-    groups: list[ChannelGroup] = []
-    with _one_thread():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
-                                       root_module_types=(nn.Conv2d, nn.Linear)):
-            root = group[0].dep.target.module
-            layers = [(dep, idxs) for dep, idxs in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))]
-            if any(isinstance(d.target.module, nn.Conv2d) and d.target.module.groups > 1
-                   and not _depthwise(d.target.module) for d, _ in layers):
-                notes.append(f"group of {names[root]} contains a grouped convolution: kept at full width")
-                continue
-            scores = criterion(group)
-            if scores is None:
-                continue
-            scores = scores.detach().cpu().double().numpy()
-            gid = len(groups)
-            for dep, idxs in layers:
-                m = dep.target.module
-                if _depthwise(m):
-                    in_of[m] = out_of[m] = gid
-                elif dg.is_out_channel_pruning_fn(dep.handler):
-                    out_of[m] = gid
-                elif dg.is_in_channel_pruning_fn(dep.handler):
-                    full = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
-                    if len(idxs) != full or m in in_of:
-                        mixed.add(m)
-                    in_of[m] = gid
-            width = len(scores)
-            order = np.argsort(scores, kind="stable")  # least important first
-            cands = candidate_widths(width, round_to, n_widths)
-            groups.append(ChannelGroup(names[root], width, cands, order.tolist(), _kept(scores[order], cands)))
-    shapes = layer_inputs(model, example)
-    sites = []
-    for n, m in modules.items():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or n not in shapes:
-            continue
-        inp = in_of.get(m)
-        if m in mixed:
-            notes.append(f"{n} reads channels of several groups (a concatenation): modelled at its full input width")
-            inp = None
-        sites.append(LayerSite(n, layer_spec(m, shapes[n]), inp, out_of.get(m)))
-    for i, g in enumerate(groups):
-        g.sides = sum((site.inp == i) + (site.out == i) for site in sites)
-    return Structure(groups, sites, notes)
-
-
-def _kept(ascending, candidates: list[int]) -> list[float]:
-    """Fraction of the importance kept when only the best ``w`` channels stay, for each candidate ``w``.
-
-    Negative scores (relevance can be) count as zero; a group without positive scores counts channels.
-    """
-    import numpy as np
-
-    pos = np.clip(ascending, 0.0, None)
-    total = float(pos.sum())
-    width = len(pos)
-    if total <= 0:
-        return [w / width for w in candidates]
-    dropped = np.concatenate([[0.0], np.cumsum(pos)])
-    return [float((total - dropped[width - w]) / total) for w in candidates]
-
-
-def _depthwise(m) -> bool:
-    import torch.nn as nn
-
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def prune_to_widths(model, example, widths: dict[str, int], rankings: dict[str, list[int]]) -> list:
-    """Prune each group rooted at a module of ``widths`` to that many channels, dropping the channels
-    that come first in its ``rankings`` entry; returns torch-pruning's history (for the checkpoint)."""
-    import torch_pruning as tp
-
-    from deploycomp.prune import _one_thread
-
-    modules = dict(model.named_modules())
-    with _one_thread():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        for root, w in widths.items():
-            m = modules[root]
-            pruner = dg.get_pruner_of_module(m)
-            n = pruner.get_out_channels(m) - w
-            if n <= 0:
-                continue
-            idxs = sorted(int(i) for i in rankings[root][:n])
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, idxs)
-            if dg.check_pruning_group(group):
-                group.prune()
-    return dg.pruning_history()
-
-
-# --------------------------------------------------------------------------------------------------
-# The latency table and its cache
-
-
-class LatencyCache:
-    """Measured layer latencies of one setup on one machine, in a JSON file keyed by a hash of the setup.
-
-    The file lives in ``directory`` (default :func:`default_cache_dir`) and is named
-    ``<backend>-<device>-b<batch>-t<threads>-<hash>.json``; the hash covers the setup, the machine (CPU
-    model and usable cores, or GPU name), the library versions and the way layers are timed, and the file
-    repeats all of it. A file that does not match, does not parse or holds a bad entry is ignored (and
-    replaced); writes are atomic and merge with what another process may have written meanwhile.
-    """
-
-    def __init__(self, directory: str | os.PathLike | None, setup, context: dict[str, Any]):
-        import hashlib
-
-        self.enabled = directory != CACHE_OFF
-        self.context = context
-        digest = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
-        threads = setup.threads if setup.threads else "default"
-        name = f"{setup.backend}-{setup.device.replace(':', '')}-b{setup.batch}-t{threads}-{digest}.json"
-        self.path = (Path(directory) if directory and self.enabled else default_cache_dir()) / name
-
-    def load(self) -> dict[str, float]:
-        if not self.enabled or not self.path.exists():
-            return {}
-        try:
-            doc = json.loads(self.path.read_text())
-            check(isinstance(doc, dict) and doc.get("schema") == CACHE_SCHEMA
-                  and doc.get("version") == CACHE_VERSION and doc.get("context") == self.context, "mismatch")
-            entries = {str(k): float(v) for k, v in doc["entries"].items()}
-            check(all(math.isfinite(v) and v >= 0 for v in entries.values()), "bad entry")
-            return entries
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError):
-            console.warn(f"ignoring the latency cache {self.path}: it does not match this setup or is damaged; "
-                         "measuring again")
-            return {}
-
-    def save(self, entries: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        from deploycomp.files import write_json
-
-        merged = {**self.load(), **entries}
-        try:
-            write_json(self.path, {"schema": CACHE_SCHEMA, "version": CACHE_VERSION, "context": self.context,
-                                   "entries": dict(sorted(merged.items()))})
-        except OSError as e:
-            console.warn(f"could not write the latency cache {self.path} ({e}); the next search measures again")
-
-
-def cache_context(setup) -> dict[str, Any]:
-    """What a cached latency depends on besides the layer: setup, machine, versions, timing method."""
-    from deploycomp.bench.env import capture
-    from deploycomp.prune.probes import OP_TIMING
-
-    env = capture(setup.device)
-    keys = ("device_name", "cpu_model", "cpus_usable", "torch", "onnxruntime", "tensorrt", "cuda_runtime",
-            "driver", "machine")
-    return {"backend": setup.backend, "device": setup.device, "batch": setup.batch, "threads": setup.threads,
-            **{k: env.get(k) for k in keys}, "op_timing": OP_TIMING}
-
-
-def measure_table(probe, setup, specs: list, cache_dir: str | None) -> dict[str, Any]:
-    """Latency (ms, minus the cost of an empty call) of every spec, from the cache or measured now."""
-    from deploycomp.prune.probes import OpSpec
-
-    t0 = time.perf_counter()
-    cache = LatencyCache(cache_dir, setup, cache_context(setup))
-    cached = cache.load()
-    empty = OpSpec("identity", 1, 1)
-    todo = [s for s in [empty, *specs] if s.key not in cached]
-    fresh: dict[str, float] = {}
-    if todo:
-        console.info(f"latency table: {len(specs)} layer shapes on {setup.describe()}; {len(specs) + 1 - len(todo)} "
-                     f"cached, measuring {len(todo)}")
-        with console.status_line(f"timing {len(todo)} layers alone on {setup.describe()}") as show:
-            times = probe.time_ops(todo, setup, progress=lambda n: show(f"{n}/{len(todo)}"))
-        fresh = {s.key: t for s, t in zip(todo, times, strict=True)}
-        cache.save(fresh)
-    raw = {**cached, **fresh}
-    overhead = raw[empty.key]
-    entries = {s.key: max(raw[s.key] - overhead, 0.0) for s in specs}
-    return {"entries": entries, "overhead_ms": overhead, "layers_measured": len(fresh),
-            "layers_cached": len(specs) + 1 - len(fresh), "cache": str(cache.path) if cache.enabled else None,
-            "seconds": time.perf_counter() - t0}
+# The allocator's problem
 
 
 def channel_problem(structure: Structure, entries: dict[str, float]):
