@@ -39,7 +39,7 @@ from typing import Any
 
 from deploycomp import __version__, console
 from deploycomp.errors import DeploycompError, InputFileError, UnknownNameError, UsageError
-from deploycomp.files import read_json, write_json
+from deploycomp.files import read_json, read_text, write_json
 from deploycomp.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -349,11 +349,11 @@ def load_recipe(path: str | os.PathLike | None = None) -> Recipe:
     import yaml
 
     p = Path(path) if path is not None else DEFAULT_RECIPE
-    if not p.exists():
+    if not os.path.lexists(p):
         raise InputFileError(f"recipe {p} does not exist" + (
             f"; shipped recipes: {', '.join(sorted(x.name for x in RECIPES_DIR.glob('*.yaml')))} in {RECIPES_DIR}"
             if RECIPES_DIR.is_dir() else ""))
-    text = p.read_text()
+    text = read_text(p, "recipe", allow_empty=False)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -1174,12 +1174,15 @@ def _versions() -> dict[str, str | None]:
 
 
 def run_pipeline(recipe_path: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None, *,
-                 force: bool = False, plots: bool = True) -> dict[str, Any]:
+                 force: bool = False, plots: bool = True, wait: float | None = 0) -> dict[str, Any]:
     """Validate ``recipe_path`` (default: the shipped default recipe), run it in ``run_dir``, write the report.
 
-    Returns ``{"run": <run.json>, "report": <report paths>, "run_dir": <Path>}``.
+    The run directory is locked while the pipeline runs: another pipeline on it refuses (``wait`` 0) or
+    waits up to ``wait`` seconds (None: as long as it takes). Returns ``{"run": <run.json>, "report":
+    <report paths>, "run_dir": <Path>}``.
     """
     from deploycomp import report
+    from deploycomp.lock import LOCK_NAME, directory_lock
 
     recipe = load_recipe(recipe_path)
     out = Path(run_dir) if run_dir else Path("runs") / recipe.name
@@ -1193,9 +1196,9 @@ def run_pipeline(recipe_path: str | os.PathLike | None = None, run_dir: str | os
             prev = {}
         if prev.get("format") != RUN_FORMAT:
             raise UsageError(f"{out} holds something that is not a deploycomp pipeline run; choose another -o")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(f.name != LOCK_NAME for f in out.iterdir()):
         raise UsageError(f"{out} is not empty and holds no pipeline run; choose another -o directory")
-    run_doc = PipelineRun(recipe, out, RunOptions(force=force, plots=plots)).execute()
-    paths = report.write_report(out, formats=("md", "csv", "json"), plots=plots)
+    with directory_lock(out, wait=wait, what="run directory", hint="use --wait, or choose another -o directory"):
+        run_doc = PipelineRun(recipe, out, RunOptions(force=force, plots=plots)).execute()
+        paths = report.write_report(out, formats=("md", "csv", "json"), plots=plots)
     return {"run": run_doc, "report": paths, "run_dir": out}
-

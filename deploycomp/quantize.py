@@ -36,7 +36,7 @@ from deploycomp.export import (
     ort_session,
     read_sidecar,
 )
-from deploycomp.files import atomic_path, ensure_not_input, sha256, sidecar_path, write_json
+from deploycomp.files import atomic_path, check_output, sha256, sidecar_path, write_json
 from deploycomp.registry import Registry
 
 DEFAULT_CALIB_SAMPLES = 512
@@ -243,7 +243,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     io = io_info(model)
     out = Path(output) if output else default_output(src, precision)
     check(out.suffix == ".onnx", f"output {out} should end in .onnx")
-    ensure_not_input(out, src)
+    check_output(out, src)
     side = read_sidecar(src)
     name = data or side.get("dataset")
     opts = QuantizeOptions(calib_samples=calib_samples or DEFAULT_CALIB_SAMPLES,

@@ -75,8 +75,9 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
     online, and the error says where to put the file when neither works.
     """
     spec = get_spec(name)
-    num_classes = 1000 if num_classes is None and spec.source == "torchvision" else num_classes or 10
-    in_channels = in_channels or spec.input_size[0]
+    if num_classes is None:
+        num_classes = 1000 if spec.source == "torchvision" else 10
+    in_channels = spec.input_size[0] if in_channels is None else in_channels
     check(num_classes >= 1, f"--num-classes must be at least 1, got {num_classes}")
     check(in_channels >= 1, f"--in-channels must be at least 1, got {in_channels}")
     if weights is not None and spec.source != "torchvision":

@@ -57,7 +57,12 @@ def bench(opts: dict) -> None:
     """
     from deploycomp import console
     from deploycomp.bench import BenchConfig, benchmark, describe_environment, tables, write_csv, write_json
+    from deploycomp.files import check_output
     from deploycomp.info import parse_size
+
+    for out in (opts["json_file"], opts["csv_file"]):
+        if out not in (None, "-"):
+            check_output(out, *opts["artifacts"])  # before the timing: never over an artifact, and writable
 
     config = BenchConfig(backend=opts["backend"], device=opts["device"], provider=opts["provider"],
                          batches=_batches(opts["batch"]), warmup=opts["warmup"], warmup_ms=opts["warmup_ms"],
