@@ -39,6 +39,7 @@ from deploycomp.files import (
     sha256,
     sidecar_path,
     write_json,
+    write_sidecar,
 )
 from deploycomp.registry import Registry
 
@@ -536,7 +537,7 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
             os.replace(tmp, final)
     record["onnx_sha256"] = sha256(output)
     record["size_mib"] = output.stat().st_size / 2**20
-    write_json(sidecar_path(output), record)
+    write_sidecar(output, record)
     return record
 
 

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -169,6 +170,16 @@ def _write_target(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
+FULL_BELOW = 1 << 20  # bytes: a write that failed with less than this left free failed for lack of space
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW
+    except OSError:
+        return False
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
@@ -197,7 +208,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         except OSError as e:
             if e.errno in DISK_ERRNOS:
                 raise cannot_write(path, e) from None
-            raise
+            if not _disk_full(target.parent):
+                raise
+            raise cannot_write(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+        except Exception:
+            # Some writers (torch.save's zip writer) report a full disk as a RuntimeError without an errno.
+            if not _disk_full(target.parent):
+                raise
+            raise cannot_write(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
         try:
             os.replace(tmp, target)
         except OSError as e:
@@ -212,6 +230,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
     return Path(path)
+
+
+def write_sidecar(artifact: str | os.PathLike, record: Any) -> Path:
+    """Write the JSON record beside a just-written ``artifact``, or neither: if the record cannot be
+    written (a full disk, Ctrl-C), the artifact is removed too, so no artifact stays without its record
+    or beside the record of an older one."""
+    side = sidecar_path(artifact)
+    try:
+        return write_json(side, record)
+    except BaseException:
+        for p in (Path(artifact), side):
+            with suppress(OSError):
+                p.unlink()
+        raise
 
 
 def _json_default(o: Any):

@@ -36,7 +36,7 @@ from deploycomp.export import (
     ort_session,
     read_sidecar,
 )
-from deploycomp.files import atomic_path, check_output, sha256, sidecar_path, write_json
+from deploycomp.files import atomic_path, check_output, sha256, write_sidecar
 from deploycomp.registry import Registry
 
 DEFAULT_CALIB_SAMPLES = 512
@@ -282,7 +282,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     record["onnx_sha256"] = sha256(out)
     record["size_mib"] = out.stat().st_size / 2**20
     record["source_size_mib"] = src.stat().st_size / 2**20
-    write_json(sidecar_path(out), record)
+    write_sidecar(out, record)
     return record
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from deploycomp import console
 from deploycomp.errors import DeploycompError, UsageError, check, first_line
-from deploycomp.files import atomic_path
+from deploycomp.files import atomic_path, require_file
 from deploycomp.registry import Registry
 
 
@@ -385,6 +385,7 @@ def _load_resume(path, model, optimizer, scheduler, scaler) -> tuple[int, list[d
 
     if not path or not Path(path).exists():
         raise UsageError(f"--resume given, but there is no resume state at {path}; run without --resume")
+    require_file(path, "resume state")
     damaged = f"the resume state {path} is damaged or belongs to another run; delete it to start over"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

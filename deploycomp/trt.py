@@ -28,7 +28,7 @@ from typing import Any
 
 from deploycomp import __version__, console
 from deploycomp.errors import DeploycompError, InputFileError, MissingDependencyError, UsageError, check
-from deploycomp.files import atomic_path, check_output, sha256, sidecar_path, write_json
+from deploycomp.files import atomic_path, check_output, sha256, sidecar_path, write_sidecar
 from deploycomp.registry import Registry
 
 INSTALL_HINT = ('install it with `pip install "deploycomp[tensorrt]"` (TensorRT wheels come from NVIDIA\'s index '
@@ -478,7 +478,7 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
         **{k: side[k] for k in ("mean", "std", "class_names", "dataset", "arch", "macs", "params_total")
            if k in side},
     }
-    write_json(sidecar_path(engine), record)
+    write_sidecar(engine, record)
     return record
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from deploycomp import console
 from deploycomp.errors import UsageError
-from deploycomp.files import check_output, sidecar_path, write_json
+from deploycomp.files import check_output, write_sidecar
 
 
 def default_output(name: str, suffix: str, ext: str = ".pt") -> Path:
@@ -48,7 +48,7 @@ def run_training(model: str | None, config, *, output: str | None = None, data: 
               **model_metrics(ckpt.model, ckpt.input_shape)}
     if distributed_rank() == 0:
         ckpt.save(out)
-        write_json(sidecar_path(out), record)
+        write_sidecar(out, record)
         resume_path.unlink(missing_ok=True)  # only now: an interruption before the save loses no training
         console.info(f"wrote {out}: test top-1 {result.final.get('top1_pct', float('nan')):.2f}% "
                      f"after {config.epochs} epochs ({result.seconds:.0f} s)")

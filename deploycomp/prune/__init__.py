@@ -260,7 +260,7 @@ def run_prune(model: str | None, config: PruneConfig, *, output: str | None = No
     """Load ``model`` (default: the shipped baseline) and its data, prune, write the checkpoint and its record."""
     from pathlib import Path
 
-    from deploycomp.files import check_output, sidecar_path, write_json
+    from deploycomp.files import check_output, sidecar_path, write_sidecar
     from deploycomp.inputs import load_inputs
     from deploycomp.workflows import default_output
 
@@ -272,7 +272,7 @@ def run_prune(model: str | None, config: PruneConfig, *, output: str | None = No
     pruned, record = prune_checkpoint(ckpt, ds, config)
     record["output"] = str(out)
     pruned.save(out)
-    write_json(sidecar_path(out), record)
+    write_sidecar(out, record)
     console.info(f"wrote {out} and {sidecar_path(out)}")
     return record
 
