@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp import __version__, console
-from deploycomp.errors import DeploycompError, InputFileError, UnknownNameError, UsageError
+from deploycomp.errors import DeploycompError, InputFileError, Interrupted, UnknownNameError, UsageError
 from deploycomp.files import read_json, read_text, write_json
 from deploycomp.registry import Registry
 
@@ -1118,7 +1118,7 @@ class PipelineRun:
         except (KeyboardInterrupt, TrainingInterrupted):
             write_json(self.run_dir / "run.json", self._run_doc(plans, tensorrt, time.perf_counter() - t0,
                                                                 "interrupted"))
-            raise DeploycompError(f"pipeline interrupted in stage {i} of {total}; finished stages are kept: run "
+            raise Interrupted(f"pipeline interrupted in stage {i} of {total}; finished stages are kept: run "
                                   "the same command again to continue where it stopped") from None
         except DeploycompError:
             write_json(self.run_dir / "run.json", self._run_doc(plans, tensorrt, time.perf_counter() - t0, "failed"))
