@@ -141,6 +141,7 @@ def _read_idx(path: Path, ndim: int | None = None):
     except (OSError, EOFError, zlib.error) as e:
         raise InputFileError(f"cannot read {path}: it is truncated or damaged ({first_line(e, 120)}); "
                              "download it again") from None
+    check(len(data) > 0, f"{path} is empty once decompressed; download it again", InputFileError)
     magic = int.from_bytes(data[:4], "big")
     dims = magic & 0xFF
     check(len(data) >= 4 and magic >> 8 == 0x08, f"{path} is not an unsigned-byte IDX file (garbled header); "

@@ -14,8 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "models" / "light_resnet18_fmnist.pt"
-PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x00\x00\x00\x00:~\x9bU\x00\x00"
-       b"\x00\nIDATx\x9cc\x00\x00\x00\x02\x00\x01\xe5'\xde\xfc\x00\x00\x00\x00IEND\xaeB`\x82")
+PNG = bytes.fromhex(  # a valid 1x1 grayscale PNG
+    "89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55"
+    "0000000a49444154789c636000000002000148afa4710000000049454e44ae426082")
 JUNK = bytes(range(7, 256)) * 8  # no format starts like this
 
 
