@@ -159,8 +159,8 @@ def check_onnx_file(path: str | os.PathLike, what: str = "ONNX model") -> Path:
     """``path`` when it is an ONNX file whose external data (if any) lies safely beside it; else one line.
 
     External data is where large models keep their weights: files named by the model itself. A location
-    outside the model's folder (``../../secret``, an absolute path, a link leading out) is refused before
-    any reader opens it, and so is a missing or truncated data file.
+    outside the model's folder (``../../secret``, an absolute path) or a symbolic link (which could lead
+    anywhere) is refused before any reader opens it, and so is a missing or truncated data file.
     """
     from deploycomp.files import require_file
 
@@ -220,6 +220,9 @@ def check_external_data(model, path: str | os.PathLike) -> None:
             raise InputFileError(f"{where}, which is not a path relative to the model; refusing to read it "
                                  "(external data must lie in the model's folder)")
         target = Path(path).parent / loc
+        if target.is_symlink():
+            raise InputFileError(f"{where}, which is a symbolic link; refusing to follow it (external data must be "
+                                 "a plain file in the model's folder)")
         real = Path(os.path.realpath(target))
         if real != folder and folder not in real.parents:
             raise InputFileError(f"{where}, which leads outside the model's folder {folder}; refusing to read it "
