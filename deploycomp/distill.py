@@ -85,6 +85,7 @@ def run_distillation(teacher: str, student: str, config, *, temperature: float =
     from deploycomp.workflows import default_output, run_training
 
     check_kd_params(temperature, alpha, lam)
+    config.validate()  # cheap checks before loading anything
     peeked = load_model(student, **student_options) if _looks_like_path(student) else None
     if data is None and not _looks_like_path(teacher) and peeked is not None:
         data = peeked.metadata.get("dataset")

@@ -112,6 +112,17 @@ def _rename_first_arg(model, shapes):
     return {params[0]: shapes["x"]} if params else shapes
 
 
+def check_tolerances(atol: float | None, rtol: float | None) -> tuple[float, float]:
+    """The parity tolerances (defaults filled in); a one-line error for negative, infinite or both-zero ones."""
+    import math
+
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    check(0 <= atol < math.inf and 0 <= rtol < math.inf and atol + rtol > 0,
+          f"--atol/--rtol must be finite, >= 0 and not both 0, got {atol}/{rtol}")
+    return atol, rtol
+
+
 def resolve_exporter(name: str | None, opset: int | None) -> tuple[Exporter, int]:
     """The exporter and opset to use; a one-line error when the exporter cannot write that opset."""
     exporter = EXPORTERS.get(name or "torchscript")
@@ -463,9 +474,7 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
     check(batch >= 1, f"--batch must be positive, got {batch}")
     check(not (dynamic_batch and batch != 1), "--batch and --dynamic-batch exclude each other: a dynamic-batch "
           "model takes any batch size")
-    atol = DEFAULT_ATOL if atol is None else atol
-    rtol = DEFAULT_RTOL if rtol is None else rtol
-    check(atol >= 0 and rtol >= 0 and atol + rtol > 0, f"--atol/--rtol must be >= 0 and not both 0, got {atol}/{rtol}")
+    atol, rtol = check_tolerances(atol, rtol)
     output = Path(output)
     check(output.suffix == ".onnx", f"output {output} should end in .onnx")
     check_output(output, ckpt.source)

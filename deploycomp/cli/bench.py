@@ -69,6 +69,7 @@ def bench(opts: dict) -> None:
                          iters=opts["iters"], duration_s=opts["duration_s"], threads=opts["threads"], io=opts["io"],
                          cuda_graph=opts["cuda_graph"], memory=opts["memory"],
                          input_size=parse_size(opts["input_size"]))
+    config.validate()  # every option checked before anything is loaded
     results = benchmark(list(opts["artifacts"]) or None, config)
     if opts["json_file"]:
         write_json(opts["json_file"], results)

@@ -114,6 +114,7 @@ class PruneConfig:
 
 def finetune_config(epochs: int = 1, **overrides) -> TrainConfig | None:
     """The fine-tuning :class:`TrainConfig` after pruning (None for ``epochs`` 0); SGD defaults to lr 0.01."""
+    check(epochs >= 0, f"--finetune-epochs must be >= 0 (0: no fine-tuning), got {epochs}")
     if epochs == 0:
         return None
     cfg = TrainConfig(epochs=epochs, **overrides)
