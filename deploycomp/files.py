@@ -31,7 +31,6 @@ MAGIC = (
     (b"GIF8", "a GIF image"),
     (b"\x1f\x8b", "a gzip file"),
     (b"%PDF", "a PDF document"),
-    (b"ftrt", "a TensorRT engine"),
 )
 # Errors of a write that say the disk cannot take the output (as opposed to a bug in what is being written).
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
