@@ -23,9 +23,9 @@ LossFn = Callable[[Any, Any, Any], Any]  # (logits, inputs, targets) -> scalar, 
 
 def check_kd_params(temperature: float, alpha: float, lam: float) -> None:
     """One-line errors for a temperature <= 0, a negative weight, or both weights zero."""
-    check(0 < temperature < math.inf, f"--temperature must be a positive number, got {temperature}")
-    check(0 <= alpha < math.inf, f"--alpha must be a number >= 0 (weight of the soft-target term), got {alpha}")
-    check(0 <= lam < math.inf, f"--lambda must be a number >= 0 (weight of the cross-entropy term), got {lam}")
+    check(0 < temperature < math.inf, f"--temperature must be positive and finite, got {temperature}")
+    check(0 <= alpha < math.inf, f"--alpha must be >= 0 and finite (weight of the soft-target term), got {alpha}")
+    check(0 <= lam < math.inf, f"--lambda must be >= 0 and finite (weight of the cross-entropy term), got {lam}")
     check(alpha > 0 or lam > 0, "--alpha and --lambda are both 0, so the loss would be 0 and nothing would train; "
                                 "give at least one of them a positive weight")
 

@@ -43,9 +43,9 @@ class TrainConfig:
     def validate(self) -> None:
         check(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        check(self.lr is None or 0 < self.lr < math.inf, f"--lr must be a positive number, got {self.lr}")
+        check(self.lr is None or 0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
         check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        check(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}")
+        check(0 <= self.weight_decay < math.inf, f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
         check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         check(self.workers <= max_workers(), f"--workers {self.workers} would start more processes than this machine "

@@ -87,9 +87,9 @@ class PruneConfig:
         check(len(targets) == 1, "say how much to prune: --ratio R (e.g. 0.3), --target-macs G or --target-speedup X")
         check(self.ratio is None or 0 < self.ratio < 1, f"--ratio must be in (0, 1), got {self.ratio}")
         check(self.target_macs_g is None or 0 < self.target_macs_g < math.inf,
-              f"--target-macs must be a positive number, got {self.target_macs_g}")
+              f"--target-macs must be positive and finite, got {self.target_macs_g}")
         check(self.target_speedup is None or 1 < self.target_speedup < math.inf,
-              f"--target-speedup must be a number above 1 (MACs before / after), got {self.target_speedup}")
+              f"--target-speedup must be above 1 (MACs before / after) and finite, got {self.target_speedup}")
         check(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         check(self.round_to >= 1, f"--round-to must be at least 1, got {self.round_to}")
         check(self.calib_samples > 0, f"--calib-samples must be positive, got {self.calib_samples}")
