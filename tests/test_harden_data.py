@@ -170,3 +170,16 @@ def test_a_good_image_folder_works(tmp_path):
     result = invoke("eval", "--model", "light_resnet18", "--num-classes", "2", "--data", "imagefolder",
                     "--data-dir", tmp_path / "images", "--samples", "2")
     assert result.exit_code == 0, result.output
+
+
+def test_a_broken_image_read_by_a_dataloader_worker(tmp_path):
+    """The error raised in a worker process comes back as the same one line, not the worker's traceback."""
+    for split in ("train", "val"):
+        p = tmp_path / "images" / split / "a"
+        p.mkdir(parents=True)
+        (p / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    result = invoke("train", "--model", "light_resnet18", "--num-classes", "1", "--data", "imagefolder",
+                    "--data-dir", tmp_path / "images", "--epochs", "1", "--workers", "1", "-o", tmp_path / "m.pt")
+    error = one_error(result)
+    assert error.startswith("Error: ") and "x.png is not a readable image" in error, error
+    assert "Traceback" not in error and not (tmp_path / "m.pt").exists()

@@ -72,13 +72,22 @@ class LazyGroup(click.Group):
             _fail(mapped, e)
 
 
+def _one_line(message: str) -> str:
+    """An error message as one line; one re-raised from a DataLoader worker keeps only the original message."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):  # torch's ExceptionWrapper.reraise
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(lines)
+
+
 def _fail(error, cause: BaseException):
     """Exit with ``Error: <message>`` and the error's exit code; -v also prints the traceback of ``cause``."""
     from deploycomp import console
 
     if console.verbosity() >= console.VERBOSE:
         traceback.print_exception(cause)
-    err = click.ClickException(" ".join(line.strip() for line in str(error).strip().splitlines()))  # one line
+    err = click.ClickException(_one_line(str(error)))
     err.exit_code = error.exit_code
     raise err from None
 
