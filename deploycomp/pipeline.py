@@ -1119,7 +1119,7 @@ class PipelineRun:
             write_json(self.run_dir / "run.json", self._run_doc(plans, tensorrt, time.perf_counter() - t0,
                                                                 "interrupted"))
             raise Interrupted(f"pipeline interrupted in stage {i} of {total}; finished stages are kept: run "
-                                  "the same command again to continue where it stopped") from None
+                              "the same command again to continue where it stopped") from None
         except DeploycompError:
             write_json(self.run_dir / "run.json", self._run_doc(plans, tensorrt, time.perf_counter() - t0, "failed"))
             raise
