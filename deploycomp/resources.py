@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from deploycomp.errors import ResourceError, format_bytes
 
@@ -19,18 +20,33 @@ PEAK_FACTOR = 3
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation now (MemAvailable), else the total; None if unknown."""
+    """Bytes a new allocation can get now: MemAvailable, or less under a cgroup (container) memory limit.
+
+    None when unknown (then nothing is refused).
+    """
+    have = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    have = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
         pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if have is None:
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:  # cgroup v2: memory.max is "max" or a number of bytes
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text().strip())
+            have = min(have, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return have
 
 
 def activation_elements(model, chw: tuple[int, ...]) -> tuple[int, int]:
@@ -80,17 +96,18 @@ def device_memory(device=None) -> int | None:
 
 
 def check_forward_fits(model, chw: tuple[int, ...], batch: int, what: str = "", *, training: bool = False,
-                       device=None) -> None:
+                       device=None, bytes_per_value: int = 4) -> None:
     """Refuse a pass of ``batch`` samples of shape ``chw`` through ``model`` that cannot fit in memory.
 
     Inference needs about the largest activation a few times over; training keeps every activation
-    for the backward pass, plus as much again for their gradients. ``what`` names the options to
-    change, e.g. "--batch or --input-size".
+    for the backward pass. The estimate leans low (it leaves out weights, gradients and workspace), so
+    what it refuses would certainly not fit. ``what`` names the options to change, e.g. "--batch or
+    --input-size"; ``bytes_per_value`` is 2 under mixed precision.
     """
     check_side(chw)
     largest, total = activation_elements(model, chw)
-    per_sample = 2 * total if training else math.prod(chw) + PEAK_FACTOR * largest
-    need = batch * per_sample * 4  # float32
+    per_sample = total if training else math.prod(chw) + PEAK_FACTOR * largest
+    need = batch * per_sample * bytes_per_value
     have = device_memory(device)
     if have is not None and need > have:
         mode = "a training step" if training else "a forward pass"

@@ -245,7 +245,8 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
     check(len(params) > 0, "every parameter is frozen; nothing to train")
     optimizer = OPTIMIZERS.get(cfg.optimizer)(params, cfg)
     train_set = subset(train_set, cfg.train_samples, cfg.seed)
-    _check_batch_fits(model, train_set, cfg.batch_size, "--batch-size", device, training=True)
+    _check_batch_fits(model, train_set, cfg.batch_size, "--batch-size", device, training=True,
+                      bytes_per_value=2 if use_amp else 4)
     sampler = None
     if dist.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_set, dist.world, dist.rank, seed=cfg.seed)
@@ -310,7 +311,8 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
     return result
 
 
-def _check_batch_fits(model, dataset, batch_size: int, what: str, device, training: bool) -> None:
+def _check_batch_fits(model, dataset, batch_size: int, what: str, device, training: bool,
+                      bytes_per_value: int = 4) -> None:
     """A one-line error, before the first batch, when a batch of this size cannot fit in memory."""
     from deploycomp.resources import check_forward_fits
 
@@ -319,7 +321,8 @@ def _check_batch_fits(model, dataset, batch_size: int, what: str, device, traini
         return
     x = dataset[0][0]
     if getattr(x, "ndim", 0) == 3:
-        check_forward_fits(model, tuple(x.shape), min(batch_size, n), what, training=training, device=device)
+        check_forward_fits(model, tuple(x.shape), min(batch_size, n), what, training=training, device=device,
+                           bytes_per_value=bytes_per_value)
 
 
 def _cross_entropy(label_smoothing: float) -> LossFn:
