@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp import __version__
-from deploycomp.errors import CheckpointError, UsageError
+from deploycomp.errors import CheckpointError, UsageError, first_line
 from deploycomp.files import atomic_path, ensure_not_input, require_file
 from deploycomp.registry import Registry
 
@@ -114,8 +114,12 @@ class Checkpoint:
 # Loading
 
 
+# Suffixes that make a --model value a file name even when the file does not exist (a clear "does not exist").
+FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".onnx", ".engine", ".plan", ".trt", ".json", ".yaml", ".yml")
+
+
 def _looks_like_path(ref: str) -> bool:
-    return os.sep in ref or "/" in ref or Path(ref).suffix in (".pt", ".pth", ".ckpt", ".bin") or Path(ref).exists()
+    return os.sep in ref or "/" in ref or Path(ref).suffix in FILE_SUFFIXES or os.path.lexists(ref)
 
 
 def load_model(ref: str | None = None, *, arch: str | None = None, num_classes: int | None = None,
@@ -154,13 +158,26 @@ def _torch_load_safe(path: Path) -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         if _is_pickle_container(path):  # a real pickle of classes/functions: refused by weights_only
-            raise _PickledObjects(str(e)) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (it does not unpickle)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+            raise _PickledObjects() from None
+        raise _not_a_checkpoint(path) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, IndexError, KeyError) as e:
+        raise _not_a_checkpoint(path, e) from None
+
+
+def _not_a_checkpoint(path: Path, e: BaseException | None = None) -> CheckpointError:
+    """A file that torch.load cannot read: named for what it is (ONNX, an image, JSON) when that is known."""
+    from deploycomp.files import describe_kind
+
+    kind = describe_kind(path)
+    if kind is None or kind.startswith(("a ZIP", "a Python pickle")):
+        cause = f" ({first_line(e, 200)})" if e is not None else ""
+        return CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is truncated, damaged or of another "
+                               f"kind{cause}")
+    hint = "give the .pt checkpoint it was made from (bench, quantize and build take .onnx files)" \
+        if kind == "an ONNX model" else "give a .pt checkpoint written by deploycomp or torch.save"
+    return CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is {kind}; {hint}")
 
 
 class _PickledObjects(Exception):
@@ -171,9 +188,12 @@ def _is_pickle_container(path: Path) -> bool:
     """A torch zip archive or a raw pickle stream (which starts with the PROTO opcode 0x80)."""
     import zipfile
 
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        return zipfile.is_zipfile(path) or head[:1] == b"\x80"
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
@@ -208,13 +228,16 @@ def _from_payload(payload: dict[str, Any], path: Path) -> Checkpoint:
         model = build_model(payload["arch"], **payload["model_kwargs"])
     except KeyError as e:
         raise CheckpointError(f"{path} is a damaged deploycomp checkpoint (missing {e})") from None
-    ckpt = Checkpoint(model, payload["arch"], dict(payload["model_kwargs"]), list(payload.get("surgeries", [])),
-                      dict(payload.get("metadata", {})), str(path))
-    replay_surgeries(ckpt)
+    try:
+        ckpt = Checkpoint(model, payload["arch"], dict(payload["model_kwargs"]), list(payload.get("surgeries", [])),
+                          dict(payload.get("metadata", {})), str(path))
+        replay_surgeries(ckpt)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path} is a damaged deploycomp checkpoint ({first_line(e, 200)})") from None
     try:
         model.load_state_dict(payload["state_dict"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the rebuilt model ({str(e).splitlines()[0][:200]})") \
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the rebuilt model ({first_line(e, 200)})") \
             from None
     model.eval()
     return ckpt
@@ -249,8 +272,7 @@ def _from_state_dict(state: dict[str, Any], path: Path, arch: str | None, num_cl
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit architecture {arch!r}: {str(e).splitlines()[0][:200]}") \
-            from None
+        raise CheckpointError(f"{path} does not fit architecture {arch!r}: {first_line(e, 200)}") from None
     model.eval()
     return Checkpoint(model, arch, kwargs, [], {"imported_from": str(path)}, str(path))
 

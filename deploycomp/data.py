@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploycomp.errors import InputFileError, UsageError, check
+from deploycomp.errors import InputFileError, UsageError, check, first_line
 from deploycomp.registry import Registry
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -121,23 +121,39 @@ class _Resized:
         return F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False)[0], y
 
 
-def _read_idx(path: Path):
-    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+def _read_idx(path: Path, ndim: int | None = None):
+    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST.
+
+    ``ndim``: the number of dimensions the file must have (3 for images, 1 for labels).
+    """
+    import zlib
+
     import numpy as np
     import torch
 
+    from deploycomp.files import require_file
+
+    require_file(path, "dataset file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except OSError as e:
-        raise InputFileError(f"cannot read {path}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputFileError(f"cannot read {path}: it is truncated or damaged ({first_line(e, 120)}); "
+                             "download it again") from None
+    check(len(data) > 0, f"{path} is empty once decompressed; download it again", InputFileError)
     magic = int.from_bytes(data[:4], "big")
-    ndim = magic & 0xFF
-    check(magic >> 8 == 0x08, f"{path} is not an unsigned-byte IDX file", InputFileError)
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    check(array.size == int(np.prod(shape)), f"{path} is truncated", InputFileError)
+    dims = magic & 0xFF
+    check(len(data) >= 4 and magic >> 8 == 0x08, f"{path} is not an unsigned-byte IDX file (garbled header); "
+          "download it again", InputFileError)
+    check(ndim is None or dims == ndim, f"{path} has a garbled IDX header: {dims} dimensions where {ndim} are "
+          "expected; download it again", InputFileError)
+    check(len(data) >= 4 + 4 * dims, f"{path} is truncated inside its IDX header; download it again", InputFileError)
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    expected = int(np.prod(shape, dtype=object))
+    check(array.size == expected, f"{path} holds {array.size:,} bytes of data but its header {shape} promises "
+          f"{expected:,}: it is truncated or its header is garbled; download it again", InputFileError)
     return torch.from_numpy(array.reshape(shape).copy())
 
 
@@ -161,8 +177,13 @@ def _fashion_mnist(split: str, data_dir=None, augment: bool = False):
         raise InputFileError(
             f"Fashion-MNIST files not found in {', '.join(map(str, dirs))}; install them with "
             "`apt-get install dataset-fashion-mnist` or pass --data-dir DIR with the IDX files")
-    x = _read_idx(images).unsqueeze(1)
-    y = _read_idx(labels)
+    x = _read_idx(images, ndim=3).unsqueeze(1)
+    y = _read_idx(labels, ndim=1)
+    check(len(x) == len(y), f"{images} holds {len(x):,} images but {labels} holds {len(y):,} labels; the two files "
+          "do not belong together (download both again)", InputFileError)
+    check(len(x) > 0, f"{images} holds no images", InputFileError)
+    check(int(y.max()) < 10, f"{labels} has labels up to {int(y.max())} but Fashion-MNIST has 10 classes (0-9); "
+          "it is damaged", InputFileError)
     info = DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), FASHION_MNIST_CLASSES)
     return _TensorImages(x, y, info.mean, info.std, augment and split == "train"), info
 
@@ -196,9 +217,24 @@ def _imagefolder(split: str, data_dir=None, augment: bool = False, size: int = 2
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     ops = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment and split == "train" else \
         [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
-    ds = ImageFolder(str(sub), T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)]))
+    try:
+        ds = ImageFolder(str(sub), T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)]), loader=_load_image)
+    except FileNotFoundError as e:  # no class folders, or no image in them
+        raise InputFileError(f"{sub} holds no images: {e} Put them in {sub}/<class>/*.jpg") from None
     info = DatasetInfo("imagefolder", len(ds.classes), (3, size, size), mean, std, list(ds.classes))
     return ds, info
+
+
+def _load_image(path: str):
+    """torchvision's PIL loader, with one line naming the file when it is not a readable image."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise InputFileError(f"{path} is not a readable image ({type(e).__name__}); remove or replace it") \
+            from None
 
 
 SYNTHETIC_SIZES = {"train": 512, "test": 256}

@@ -11,6 +11,7 @@ The T^2 factor keeps the soft term's gradients on the same scale as the hard ter
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,9 +23,9 @@ LossFn = Callable[[Any, Any, Any], Any]  # (logits, inputs, targets) -> scalar, 
 
 def check_kd_params(temperature: float, alpha: float, lam: float) -> None:
     """One-line errors for a temperature <= 0, a negative weight, or both weights zero."""
-    check(temperature > 0, f"--temperature must be positive, got {temperature}")
-    check(alpha >= 0, f"--alpha must be >= 0 (weight of the soft-target term), got {alpha}")
-    check(lam >= 0, f"--lambda must be >= 0 (weight of the cross-entropy term), got {lam}")
+    check(0 < temperature < math.inf, f"--temperature must be positive and finite, got {temperature}")
+    check(0 <= alpha < math.inf, f"--alpha must be >= 0 and finite (weight of the soft-target term), got {alpha}")
+    check(0 <= lam < math.inf, f"--lambda must be >= 0 and finite (weight of the cross-entropy term), got {lam}")
     check(alpha > 0 or lam > 0, "--alpha and --lambda are both 0, so the loss would be 0 and nothing would train; "
                                 "give at least one of them a positive weight")
 
@@ -79,10 +80,12 @@ def run_distillation(teacher: str, student: str, config, *, temperature: float =
     """
     from deploycomp import console
     from deploycomp.checkpoint import _looks_like_path, load_model
+    from deploycomp.files import check_output
     from deploycomp.inputs import load_inputs
     from deploycomp.workflows import default_output, run_training
 
     check_kd_params(temperature, alpha, lam)
+    config.validate()  # cheap checks before loading anything
     peeked = load_model(student, **student_options) if _looks_like_path(student) else None
     if data is None and not _looks_like_path(teacher) and peeked is not None:
         data = peeked.metadata.get("dataset")
@@ -102,6 +105,7 @@ def run_distillation(teacher: str, student: str, config, *, temperature: float =
     lineage = {"teacher": t_ckpt.source or t_ckpt.arch, "teacher_arch": t_ckpt.arch,
                "teacher_test_top1_pct": (t_ckpt.metadata.get("metrics") or {}).get("test", {}).get("top1_pct"),
                "temperature": temperature, "alpha": alpha, "lambda": lam}
+    check_output(out, t_ckpt.source)  # the teacher is an input too
     return run_training(student, config, output=out, data=data, data_dir=data_dir, resume=resume,
                         loss_fn=kd_loss(t_ckpt.model, temperature, alpha, lam), lineage=lineage, prepare=prepare,
                         op="distill", **student_options)

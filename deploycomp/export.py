@@ -20,8 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp import __version__, console
-from deploycomp.errors import InputFileError, MissingDependencyError, ParityError, UsageError, check
-from deploycomp.files import atomic_path, ensure_not_input, sha256, sidecar_path, write_json
+from deploycomp.errors import (
+    InputFileError,
+    MissingDependencyError,
+    ParityError,
+    ResourceError,
+    UsageError,
+    check,
+    environment_error,
+    first_line,
+)
+from deploycomp.files import (
+    atomic_path,
+    cannot_write,
+    check_output,
+    describe_kind,
+    make_dirs,
+    sha256,
+    sidecar_path,
+    write_json,
+    write_sidecar,
+)
 from deploycomp.registry import Registry
 
 DEFAULT_OPSET = 17  # TensorRT 10.x (JetPack 6 included) and 11.x parse it; Q/DQ per-channel needs >= 13
@@ -93,10 +112,22 @@ def _rename_first_arg(model, shapes):
     return {params[0]: shapes["x"]} if params else shapes
 
 
+def check_tolerances(atol: float | None, rtol: float | None) -> tuple[float, float]:
+    """The parity tolerances (defaults filled in); a one-line error for negative, infinite or both-zero ones."""
+    import math
+
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    check(0 <= atol < math.inf and 0 <= rtol < math.inf and atol + rtol > 0,
+          f"--atol/--rtol must be finite, >= 0 and not both 0, got {atol}/{rtol}")
+    return atol, rtol
+
+
 def resolve_exporter(name: str | None, opset: int | None) -> tuple[Exporter, int]:
     """The exporter and opset to use; a one-line error when the exporter cannot write that opset."""
     exporter = EXPORTERS.get(name or "torchscript")
-    opset = DEFAULT_OPSET if opset is None and exporter.name == "torchscript" else opset or exporter.opsets[0]
+    if opset is None:
+        opset = DEFAULT_OPSET if exporter.name == "torchscript" else exporter.opsets[0]
     lo, hi = exporter.opsets
     if exporter.name == "torchscript":
         hi = min(hi, _torch_opset_limits()["torchscript_max"])
@@ -122,22 +153,100 @@ def resolve_exporter(name: str | None, opset: int | None) -> tuple[Exporter, int
 
 
 def load_onnx(path: str | os.PathLike, what: str = "ONNX model"):
-    """Read an ONNX file, with a one-line error when it is missing or not ONNX."""
+    """Read an ONNX file, with a one-line error when it is missing, not ONNX, or its external data is unsafe."""
     import onnx
-    from google.protobuf.message import DecodeError
 
+    p = check_onnx_file(path, what)
+    model = _parse_onnx(p)
+    if _external_tensors(model):
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except Exception as e:  # noqa: BLE001 - onnx raises its own C++ exception types
+            raise InputFileError(f"{path}: its external data cannot be read ({first_line(e, 200)})") from None
+    return model
+
+
+def check_onnx_file(path: str | os.PathLike, what: str = "ONNX model") -> Path:
+    """``path`` when it is an ONNX file whose external data (if any) lies safely beside it; else one line.
+
+    External data is where large models keep their weights: files named by the model itself. A location
+    outside the model's folder (``../../secret``, an absolute path) or a symbolic link (which could lead
+    anywhere) is refused before any reader opens it, and so is a missing or truncated data file.
+    """
     from deploycomp.files import require_file
 
     p = require_file(path, what)
+    check_external_data(_parse_onnx(p), p)
+    return p
+
+
+def _parse_onnx(p: Path):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from deploycomp.files import wrong_kind
+
+    hint = "give the .onnx file written by `deploycomp export`"
     try:
-        model = onnx.load(str(p))
-    except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise InputFileError(f"{path} is not an ONNX model ({type(e).__name__}); give the .onnx file written "
-                             "by `deploycomp export`") from None
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError, TypeError, IndexError) as e:
+        kind = describe_kind(p)
+        if kind in (None, "an ONNX model"):
+            raise InputFileError(f"{p} is not a readable ONNX model: it is truncated, damaged or of another kind "
+                                 f"({type(e).__name__}); {hint}") from None
+        raise wrong_kind(p, "an ONNX model", hint if not kind.startswith("a ZIP") else
+                         "export the checkpoint first: deploycomp export --model FILE") from None
     if not model.graph.node:
-        raise InputFileError(f"{path} is not an ONNX model (no graph in it); give the .onnx file written by "
-                             "`deploycomp export`")
+        raise InputFileError(f"{p} is not an ONNX model (no graph in it); {hint}")
     return model
+
+
+def _external_tensors(model) -> list:
+    """Every tensor of ``model`` (initializers and attributes, subgraphs included) stored in external data."""
+    import onnx
+
+    found = []
+
+    def graph(g):
+        found.extend(t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+        for node in g.node:
+            for a in node.attribute:
+                tensors = ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                found.extend(t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    graph(sub)
+
+    graph(model.graph)
+    return found
+
+
+def check_external_data(model, path: str | os.PathLike) -> None:
+    """Refuse external data outside the folder of the model at ``path``, missing, or shorter than declared."""
+    folder = Path(os.path.realpath(Path(path).parent))
+    for t in _external_tensors(model):
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"{path}: tensor {t.name!r} keeps its data in {loc!r}"
+        if not loc or os.path.isabs(loc) or Path(loc).drive:
+            raise InputFileError(f"{where}, which is not a path relative to the model; refusing to read it "
+                                 "(external data must lie in the model's folder)")
+        target = Path(path).parent / loc
+        if target.is_symlink():
+            raise InputFileError(f"{where}, which is a symbolic link; refusing to follow it (external data must be "
+                                 "a plain file in the model's folder)")
+        real = Path(os.path.realpath(target))
+        if real != folder and folder not in real.parents:
+            raise InputFileError(f"{where}, which leads outside the model's folder {folder}; refusing to read it "
+                                 "(external data must lie in the model's folder)")
+        if not real.is_file():
+            raise InputFileError(f"{where}, which does not exist; copy it beside the model")
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise InputFileError(f"{where} with a damaged offset/length") from None
+        if end > real.stat().st_size:
+            raise InputFileError(f"{where}, which is shorter ({real.stat().st_size} bytes) than the model says "
+                                 f"({end}); it is truncated")
 
 
 def require_onnx_path(path: str | os.PathLike) -> Path:
@@ -191,6 +300,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     """An ONNX Runtime CPU session (the reference runtime for every check in this module)."""
     import onnxruntime as ort
 
+    check_onnx_file(path)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -198,7 +308,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        raise InputFileError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+        raise InputFileError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
 
 
 def ort_run(session, x):
@@ -359,16 +469,15 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
     import torch
 
     from deploycomp.metrics import count_macs, count_params
+    from deploycomp.resources import check_forward_fits
 
     check(batch >= 1, f"--batch must be positive, got {batch}")
     check(not (dynamic_batch and batch != 1), "--batch and --dynamic-batch exclude each other: a dynamic-batch "
           "model takes any batch size")
-    atol = DEFAULT_ATOL if atol is None else atol
-    rtol = DEFAULT_RTOL if rtol is None else rtol
-    check(atol >= 0 and rtol >= 0 and atol + rtol > 0, f"--atol/--rtol must be >= 0 and not both 0, got {atol}/{rtol}")
+    atol, rtol = check_tolerances(atol, rtol)
     output = Path(output)
     check(output.suffix == ".onnx", f"output {output} should end in .onnx")
-    ensure_not_input(output, ckpt.source)
+    check_output(output, ckpt.source)
     exp, opset = resolve_exporter(exporter, opset)
 
     chw = tuple(ckpt.input_shape)
@@ -376,6 +485,7 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
         chw = (chw[0], *input_size)
     shape = (batch, *chw)
     model = ckpt.model.eval().cpu()
+    check_forward_fits(model, chw, batch, "--batch or --input-size")
     example = torch.randn(*shape)
     params = count_params(model)
     macs = count_macs(model, torch.zeros(1, *chw))
@@ -393,21 +503,29 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
         "deploycomp": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
     }
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work:
+    make_dirs(output.parent)
+    try:
+        workspace = tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent)
+    except OSError as e:
+        raise cannot_write(output, e) from None
+    with workspace as work:
         tmp = Path(work) / output.name
         with console.status_line(f"exporting {ckpt.source or ckpt.arch} to ONNX (opset {opset}, {exp.name})"):
             try:
                 exp.fn(model, example, tmp, opset, dynamic_batch)
+            except OSError as e:  # the disk, not the exporter
+                raise cannot_write(output, e) from None
             except Exception as e:  # exporter failures are many and varied; name the model and the cause
+                if isinstance(environment_error(e), ResourceError):
+                    raise  # out of memory: the CLI says so in one line
                 raise UsageError(f"the {exp.name} exporter cannot export {ckpt.arch} at opset {opset}: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+                                 f"{first_line(e)}") from None
         record["simplify"] = simplify_onnx(tmp) if simplify else {"simplified": False}
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
             record["checker"] = "passed"
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            record["checker"] = f"failed: {str(e).splitlines()[0][:300]}"
+            record["checker"] = f"failed: {first_line(e)}"
             _keep_failed(tmp, output, "check", record)
             raise ParityError(f"the ONNX checker rejects the exported model ({record['checker'][8:]}); kept as "
                               f"{failed_path(output, 'check')}") from None
@@ -431,7 +549,7 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
             os.replace(tmp, final)
     record["onnx_sha256"] = sha256(output)
     record["size_mib"] = output.stat().st_size / 2**20
-    write_json(sidecar_path(output), record)
+    write_sidecar(output, record)
     return record
 
 

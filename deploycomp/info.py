@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from deploycomp.errors import UsageError
+from deploycomp.resources import MAX_SIDE
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -18,6 +19,9 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
         parts = []
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise UsageError(f"--input-size must look like 224 or 224x192, got {text!r}")
+    if max(parts) > MAX_SIDE:
+        raise UsageError(f"--input-size {text} is larger than any image classifier takes (at most {MAX_SIDE} px a "
+                         "side)")
     return (parts[0], parts[-1])
 
 
@@ -25,10 +29,12 @@ def describe(model: str | None, *, input_size: str | None = None, batch: int = 1
     from deploycomp.checkpoint import load_model
     from deploycomp.errors import check
     from deploycomp.metrics import layer_channels, memory_summary, model_metrics
+    from deploycomp.resources import check_forward_fits
 
     check(batch > 0, f"--batch must be positive, got {batch}")
     ckpt = load_model(model, input_size=parse_size(input_size), **model_options)
     shape = ckpt.input_shape
+    check_forward_fits(ckpt.model, shape, batch, "--batch or --input-size")
     report = {"model": ckpt.source or ckpt.arch, "arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs,
               **model_metrics(ckpt.model, shape), "batch": batch, "memory": memory_summary(ckpt.model, shape, batch),
               "file_size_mib": os.path.getsize(ckpt.source) / 2**20 if ckpt.source else None,

@@ -46,7 +46,7 @@ from deploycomp.export import (
     ort_session,
     read_sidecar,
 )
-from deploycomp.files import atomic_path, ensure_not_input, sha256, sidecar_path, write_json
+from deploycomp.files import atomic_path, check_output, sha256, write_sidecar
 from deploycomp.registry import Registry
 
 DEFAULT_CALIB_SAMPLES = 512
@@ -415,7 +415,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     io = io_info(model)
     out = Path(output) if output else default_output(src, precision, target)
     check(out.suffix == ".onnx", f"output {out} should end in .onnx")
-    ensure_not_input(out, src)
+    check_output(out, src)
     side = read_sidecar(src)
     name = data or side.get("dataset")
     opts = QuantizeOptions(calib_samples=calib_samples or DEFAULT_CALIB_SAMPLES,
@@ -455,7 +455,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     record["onnx_sha256"] = sha256(out)
     record["size_mib"] = out.stat().st_size / 2**20
     record["source_size_mib"] = src.stat().st_size / 2**20
-    write_json(sidecar_path(out), record)
+    write_sidecar(out, record)
     return record
 
 

@@ -98,7 +98,7 @@ class StudyReport:
 
 def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / "run.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise InputFileError(f"{run_dir} is not a pipeline run (no run.json); run `deploycomp pipeline -o "
                              f"{run_dir}` first")
     doc = read_json(path)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp import console
-from deploycomp.errors import DeploycompError, UsageError, check
-from deploycomp.files import atomic_path
+from deploycomp.errors import DeploycompError, UsageError, check, first_line
+from deploycomp.files import atomic_path, require_file
 from deploycomp.registry import Registry
 
 
@@ -43,16 +43,25 @@ class TrainConfig:
     def validate(self) -> None:
         check(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        check(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
-        check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        check(self.lr is None or 0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}")
+        check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        check(0 <= self.weight_decay < math.inf, f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
         check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        check(self.workers <= max_workers(), f"--workers {self.workers} would start more processes than this machine "
+              f"can use; give at most {max_workers()} (4 per CPU core)")
+        check(0 <= self.seed < 2**32, f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         check(self.train_samples is None or self.train_samples > 0,
               f"--train-samples must be positive, got {self.train_samples}")
         check(self.val_samples is None or self.val_samples > 0,
               f"--val-samples must be positive, got {self.val_samples}")
         OPTIMIZERS.get(self.optimizer)
         SCHEDULES.get(self.schedule)
+
+
+def max_workers() -> int:
+    """The most DataLoader worker processes a run may start: 4 per CPU core (each is a full process)."""
+    return 4 * (os.cpu_count() or 1)
 
 
 @dataclass
@@ -176,8 +185,10 @@ def evaluate(model, dataset, batch_size: int = 256, device=None, loss_fn=None, s
     from deploycomp.data import make_loader, subset
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else \
-        make_loader(subset(dataset, samples), batch_size)
+    if not isinstance(dataset, torch.utils.data.DataLoader):
+        dataset = subset(dataset, samples)
+        _check_batch_fits(model, dataset, batch_size, "--batch-size", device, training=False)
+    loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else make_loader(dataset, batch_size)
     was_training = model.training
     model.eval().to(device)
     n = correct1 = correct5 = 0
@@ -205,7 +216,7 @@ Penalty = Callable[[Any], Any]  # (model) -> scalar added to the loss (e.g. L1 o
 
 def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
         penalties: Sequence[Penalty] = (), resume_path: str | os.PathLike | None = None, resume: bool = False,
-        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, keep_resume: bool = False) -> FitResult:
     """Train ``model`` in place on ``train_set``; evaluate on ``val_set`` after each epoch.
 
     Args:
@@ -213,6 +224,8 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
         penalties: callables ``model -> scalar`` added to the loss (sparsity regularisers).
         resume_path: where the resumable state is written after every epoch (deleted on success).
         resume: continue from ``resume_path`` instead of starting over.
+        keep_resume: leave the resume state for the caller to delete once the trained model is saved (so that
+            an interruption between the end of training and that save loses nothing).
         on_epoch_end: called with ``(epoch, row)`` after each epoch (on the main process).
     """
     import torch
@@ -232,6 +245,8 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
     check(len(params) > 0, "every parameter is frozen; nothing to train")
     optimizer = OPTIMIZERS.get(cfg.optimizer)(params, cfg)
     train_set = subset(train_set, cfg.train_samples, cfg.seed)
+    _check_batch_fits(model, train_set, cfg.batch_size, "--batch-size", device, training=True,
+                      bytes_per_value=2 if use_amp else 4)
     sampler = None
     if dist.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_set, dist.world, dist.rank, seed=cfg.seed)
@@ -291,9 +306,23 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
     if val_set is not None and result.history and "val_top1_pct" in result.history[-1]:
         last = result.history[-1]
         result.final = {"top1_pct": last["val_top1_pct"], "top5_pct": last["val_top5_pct"], "loss": last["val_loss"]}
-    if resume_path and dist.main and Path(resume_path).exists():
+    if resume_path and dist.main and not keep_resume and Path(resume_path).exists():
         Path(resume_path).unlink()
     return result
+
+
+def _check_batch_fits(model, dataset, batch_size: int, what: str, device, training: bool,
+                      bytes_per_value: int = 4) -> None:
+    """A one-line error, before the first batch, when a batch of this size cannot fit in memory."""
+    from deploycomp.resources import check_forward_fits
+
+    n = len(dataset)
+    if n == 0:
+        return
+    x = dataset[0][0]
+    if getattr(x, "ndim", 0) == 3:
+        check_forward_fits(model, tuple(x.shape), min(batch_size, n), what, training=training, device=device,
+                           bytes_per_value=bytes_per_value)
 
 
 def _cross_entropy(label_smoothing: float) -> LossFn:
@@ -353,13 +382,21 @@ def _save_resume(path, model, optimizer, scheduler, scaler, epochs_done, history
 
 
 def _load_resume(path, model, optimizer, scheduler, scaler) -> tuple[int, list[dict[str, float]]]:
+    import pickle
+
     import torch
 
     if not path or not Path(path).exists():
         raise UsageError(f"--resume given, but there is no resume state at {path}; run without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return int(state["epochs_done"]), list(state["history"])
+    require_file(path, "resume state")
+    damaged = f"the resume state {path} is damaged or belongs to another run; delete it to start over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        return int(state["epochs_done"]), list(state["history"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError,
+            AttributeError) as e:
+        raise DeploycompError(f"{damaged} ({first_line(e, 160)})") from None

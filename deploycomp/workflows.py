@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp import console
-from deploycomp.files import ensure_not_input, sidecar_path, write_json
+from deploycomp.errors import UsageError
+from deploycomp.files import check_output, write_sidecar
 
 
 def default_output(name: str, suffix: str, ext: str = ".pt") -> Path:
@@ -26,14 +27,19 @@ def run_training(model: str | None, config, *, output: str | None = None, data: 
     from deploycomp.metrics import model_metrics
     from deploycomp.train import distributed_rank, fit
 
+    config.validate()  # cheap checks before loading anything
     ckpt, ds = load_inputs(model, data=data, data_dir=data_dir, augment=True, **model_options)
     out = Path(output) if output else default_output(ckpt.name, "trained")
-    ensure_not_input(out, ckpt.source)
+    check_output(out, ckpt.source)
     if prepare is not None:
         prepare(ckpt, ds)
+    resume_path = Path(f"{out}.resume.pt")
+    if resume_path.exists() and not resume:
+        raise UsageError(f"{resume_path} holds the state of an interrupted run of this command; continue it with "
+                         "--resume, or delete it to start over")
     console.info(f"training {ckpt.source or ckpt.arch} on {ds.info.name} for {config.epochs} epochs -> {out}")
     result = fit(ckpt.model, ds.train, ds.test, config, loss_fn=loss_fn, penalties=penalties,
-                 resume_path=f"{out}.resume.pt", resume=resume)
+                 resume_path=resume_path, resume=resume, keep_resume=True)
     params = {"dataset": ds.info.name, **vars(config), **(lineage or {})}
     ckpt.add_lineage(op, **params)
     ckpt.metadata["metrics"] = {"test": result.final}
@@ -42,7 +48,8 @@ def run_training(model: str | None, config, *, output: str | None = None, data: 
               **model_metrics(ckpt.model, ckpt.input_shape)}
     if distributed_rank() == 0:
         ckpt.save(out)
-        write_json(sidecar_path(out), record)
+        write_sidecar(out, record)
+        resume_path.unlink(missing_ok=True)  # only now: an interruption before the save loses no training
         console.info(f"wrote {out}: test top-1 {result.final.get('top1_pct', float('nan')):.2f}% "
                      f"after {config.epochs} epochs ({result.seconds:.0f} s)")
     return record

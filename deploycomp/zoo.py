@@ -27,6 +27,9 @@ class ModelSpec:
 
 
 MODELS: Registry[ModelSpec] = Registry("model", hint="See `deploycomp info --list-models`.")
+# Far beyond any classification set (ImageNet-21k: 21,841 classes) or image (hyperspectral: hundreds of
+# bands); refusing more keeps a typo from allocating terabytes for one layer.
+MAX_CLASSES, MAX_IN_CHANNELS = 1_000_000, 10_000
 _torchvision_added = False
 
 
@@ -75,10 +78,11 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
     online, and the error says where to put the file when neither works.
     """
     spec = get_spec(name)
-    num_classes = 1000 if num_classes is None and spec.source == "torchvision" else num_classes or 10
-    in_channels = in_channels or spec.input_size[0]
-    check(num_classes >= 1, f"--num-classes must be at least 1, got {num_classes}")
-    check(in_channels >= 1, f"--in-channels must be at least 1, got {in_channels}")
+    if num_classes is None:
+        num_classes = 1000 if spec.source == "torchvision" else 10
+    in_channels = spec.input_size[0] if in_channels is None else in_channels
+    check(1 <= num_classes <= MAX_CLASSES, f"--num-classes must be in 1..{MAX_CLASSES:,}, got {num_classes}")
+    check(1 <= in_channels <= MAX_IN_CHANNELS, f"--in-channels must be in 1..{MAX_IN_CHANNELS:,}, got {in_channels}")
     if weights is not None and spec.source != "torchvision":
         raise UsageError(f"--weights applies to torchvision models only; {name!r} is a deploycomp built-in")
     model = spec.builder(num_classes=num_classes, in_channels=in_channels, weights=weights,

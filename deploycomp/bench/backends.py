@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploycomp.errors import InputFileError, MissingDependencyError, UsageError, check
+from deploycomp.errors import InputFileError, MissingDependencyError, UsageError, check, first_line
 from deploycomp.files import read_json, require_file, sidecar_path
 from deploycomp.registry import Registry
 
@@ -335,7 +335,9 @@ class OrtRunner(Runner):
     def activate(self) -> None:
         import onnxruntime as ort
 
-        path = require_file(self.artifact, "ONNX model")
+        from deploycomp.export import check_onnx_file
+
+        path = check_onnx_file(self.artifact)
         provider = self.options.provider or ("cuda" if self.device.startswith("cuda") else "cpu")
         names, self.ort_device = ORT_PROVIDERS[provider]
         self.device_id = int(self.device.split(":")[1]) if ":" in self.device else 0
@@ -361,7 +363,7 @@ class OrtRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # ORT raises its own exception types for corrupt or unsupported files
-            raise InputFileError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+            raise InputFileError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
         active = self.session.get_providers()
         if active[0] != names[0]:
             raise MissingDependencyError(f"ONNX Runtime could not use {names[0]} for {path} (it fell back to "

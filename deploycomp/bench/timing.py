@@ -22,6 +22,7 @@ backend can be timed the wrong way:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +65,8 @@ class TimingConfig:
         check(self.warmup_ms is None or self.warmup_ms >= 0, f"--warmup-ms must be >= 0, got {self.warmup_ms}")
         check(self.rounds is None or self.rounds >= 1,
               f"--rounds must be at least 1, got {self.rounds} (20 is the default; 1 times each artifact once)")
-        check(self.budget_s is None or self.budget_s > 0, f"--budget-s must be positive, got {self.budget_s}")
+        check(self.budget_s is None or 0 < self.budget_s < math.inf,
+              f"--budget-s must be positive and finite, got {self.budget_s}")
         return self
 
     def resolved(self) -> dict[str, Any]:

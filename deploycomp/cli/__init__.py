@@ -55,17 +55,41 @@ class LazyGroup(click.Group):
         return super().resolve_command(ctx, args)
 
     def invoke(self, ctx):
-        from deploycomp import console
-        from deploycomp.errors import DeploycompError
+        from deploycomp.errors import DeploycompError, Interrupted, environment_error
 
         try:
             return super().invoke(ctx)
-        except DeploycompError as e:
-            if console.verbosity() >= console.VERBOSE:
-                traceback.print_exc()
-            err = click.ClickException(str(e))
-            err.exit_code = e.exit_code
-            raise err from None
+        except click.exceptions.Exit:
+            raise
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see main): every file being written was discarded
+            _fail(Interrupted("interrupted; files being written were discarded, finished ones kept (run the same "
+                              "command again to redo it)"), e)
+        except (DeploycompError, OSError, EOFError, MemoryError, RuntimeError, TypeError, OverflowError,
+                ValueError) as e:
+            mapped = environment_error(e)  # a full disk, a permission, memory: one line; anything else is a bug
+            if mapped is None:
+                raise
+            _fail(mapped, e)
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line; one re-raised from a DataLoader worker keeps only the original message."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):  # torch's ExceptionWrapper.reraise
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(lines)
+
+
+def _fail(error, cause: BaseException):
+    """Exit with ``Error: <message>`` and the error's exit code; -v also prints the traceback of ``cause``."""
+    from deploycomp import console
+
+    if console.verbosity() >= console.VERBOSE:
+        traceback.print_exception(cause)
+    err = click.ClickException(_one_line(str(error)))
+    err.exit_code = error.exit_code
+    raise err from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -83,6 +107,10 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def main() -> None:
+    import signal
+
+    # SIGTERM (kill, a batch scheduler, docker stop) ends a run like Ctrl-C: temporary files are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         cli.main(prog_name="deploycomp")
     except KeyboardInterrupt:

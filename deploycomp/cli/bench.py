@@ -71,7 +71,12 @@ def bench(opts: dict) -> None:
     from deploycomp import console
     from deploycomp.bench import BenchConfig, benchmark, describe_environment, tables, write_csv, write_json
     from deploycomp.bench.conditions import parse_cpu_list
+    from deploycomp.files import check_output
     from deploycomp.info import parse_size
+
+    for out in (opts["json_file"], opts["csv_file"]):
+        if out not in (None, "-"):
+            check_output(out, *opts["artifacts"])  # before the timing: never over an artifact, and writable
 
     config = BenchConfig(backend=opts["backend"], device=opts["device"], provider=opts["provider"],
                          batches=_batches(opts["batch"]), warmup=opts["warmup"], warmup_ms=opts["warmup_ms"],
@@ -80,6 +85,7 @@ def bench(opts: dict) -> None:
                          input_size=parse_size(opts["input_size"]), rounds=opts["rounds"], budget_s=opts["budget_s"],
                          margin_pct=opts["margin_pct"],
                          pin_cores=tuple(parse_cpu_list(opts["pin_cores"])) if opts["pin_cores"] else None)
+    config.validate()  # every option checked before anything is loaded
     results = benchmark(list(opts["artifacts"]) or None, config)
     if opts["json_file"]:
         write_json(opts["json_file"], results)

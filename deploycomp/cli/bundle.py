@@ -52,9 +52,11 @@ def bundle(opts: dict) -> None:
     """
     from deploycomp import console
     from deploycomp.bundle import make_bundle
+    from deploycomp.export import resolve_exporter
     from deploycomp.info import parse_size
     from deploycomp.inputs import load_inputs
 
+    resolve_exporter(None, opts["opset"])  # a bad --opset fails before the model is loaded
     size = parse_size(opts["input_size"])
     ckpt, data = load_inputs(opts["model"], data=opts["data"], data_dir=opts["data_dir"], need_train=False,
                              input_size=size, **model_kwargs(opts))

@@ -50,12 +50,13 @@ def export(opts: dict) -> None:
 
     from deploycomp import console
     from deploycomp.errors import check
-    from deploycomp.export import export_onnx, resolve_exporter
+    from deploycomp.export import check_tolerances, export_onnx, resolve_exporter
     from deploycomp.info import parse_size
     from deploycomp.inputs import load_inputs
 
     check(not (opts["dynamic_batch"] and opts["batch"]), "--batch and --dynamic-batch exclude each other")
     resolve_exporter(opts["exporter"], opts["opset"])  # a bad --opset fails before the model is loaded
+    check_tolerances(opts["atol"], opts["rtol"])
     size = parse_size(opts["input_size"])
     ckpt, data = load_inputs(opts["model"], data=opts["data"], data_dir=opts["data_dir"], need_train=False,
                              input_size=size, **model_kwargs(opts))

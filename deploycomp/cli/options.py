@@ -71,7 +71,7 @@ def int8_calibration_options(when: str = "INT8"):
 def model_kwargs(options: dict) -> dict:
     """The model-related entries of a command's options, as ``load_inputs`` keyword arguments."""
     keys = ("arch", "num_classes", "in_channels", "weights", "trust_pickle")
-    return {k: options[k] for k in keys if options.get(k) not in (None, False)}
+    return {k: options[k] for k in keys if options.get(k) is not None and options.get(k) is not False}  # 0 stays
 
 
 def print_json(obj) -> None:
@@ -81,10 +81,33 @@ def print_json(obj) -> None:
 
 
 def pass_options(fn):
-    """Collect every option into one dict argument ``opts`` (keeps command bodies short)."""
+    """Collect every option into one dict argument ``opts`` (keeps command bodies short).
+
+    Numbers are checked here for every command at once: a float option must be finite (NaN and inf
+    mean nothing to any of them) and an integer must fit in 64 bits (torch and numpy cannot hold more).
+    """
 
     @functools.wraps(fn)
     def wrapper(**opts):
+        check_numbers(opts)
         return fn(opts)
 
     return wrapper
+
+
+INT_LIMIT = 2**63 - 1
+
+
+def check_numbers(opts: dict) -> None:
+    import math
+
+    from deploycomp.errors import UsageError
+
+    ctx = click.get_current_context(silent=True)
+    flags = {p.name: (p.opts[0] if p.opts else p.name) for p in ctx.command.params} if ctx else {}
+    for name, value in opts.items():
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"{flags.get(name, name)} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT_LIMIT:
+                raise UsageError(f"{flags.get(name, name)} {v} is too large; give at most {INT_LIMIT}")

@@ -13,6 +13,8 @@ from deploycomp.cli.options import json_option, pass_options, print_json
               help="Run directory (stages, records, report). Default: runs/<recipe name>.")
 @click.option("--force", is_flag=True, help="Redo every stage, even those a previous run finished.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots with the report.")
+@click.option("--wait", is_flag=True,
+              help="If another pipeline is using the run directory, wait for it to finish instead of refusing.")
 @json_option
 @pass_options
 def pipeline(opts: dict) -> None:
@@ -21,7 +23,8 @@ def pipeline(opts: dict) -> None:
     Without RECIPE it runs benchmarks/recipes/default.yaml: the shipped Fashion-MNIST baseline, a few
     pruning variants with a short fine-tune, ONNX export + INT8, torch and ONNX Runtime on the CPU
     (a few minutes on two cores). Stages are cached in the run directory by a hash of their
-    inputs and options: running again skips what is done and continues an interrupted run.
+    inputs and options: running again skips what is done and continues an interrupted run. The run
+    directory is locked while a pipeline works in it: a second one on it refuses (or waits, with --wait).
 
     \b
     Examples:
@@ -32,7 +35,8 @@ def pipeline(opts: dict) -> None:
     from deploycomp.pipeline import run_pipeline
     from deploycomp.report import summary_rows
 
-    out = run_pipeline(opts["recipe"], opts["run_dir"], force=opts["force"], plots=opts["plots"])
+    out = run_pipeline(opts["recipe"], opts["run_dir"], force=opts["force"], plots=opts["plots"],
+                       wait=None if opts["wait"] else 0)
     run, paths = out["run"], out["report"]
     if opts["as_json"]:
         from deploycomp.report import json_doc

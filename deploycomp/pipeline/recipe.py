@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp.errors import DeploycompError, InputFileError, UnknownNameError
+from deploycomp.files import read_text
 from deploycomp.pipeline.configs import _distill_params, bench_config, prune_config, train_config
 from deploycomp.pipeline.schema import VARIANT_STEPS, RecipeError, check_recipe
 
@@ -52,11 +53,11 @@ def load_recipe(path: str | os.PathLike | None = None) -> Recipe:
     import yaml
 
     p = Path(path) if path is not None else DEFAULT_RECIPE
-    if not p.exists():
+    if not os.path.lexists(p):
         raise InputFileError(f"recipe {p} does not exist" + (
             f"; shipped recipes: {', '.join(sorted(x.name for x in RECIPES_DIR.glob('*.yaml')))} in {RECIPES_DIR}"
             if RECIPES_DIR.is_dir() else ""))
-    text = p.read_text()
+    text = read_text(p, "recipe", allow_empty=False)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

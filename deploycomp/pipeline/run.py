@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp import __version__, console
-from deploycomp.errors import DeploycompError, InputFileError, UsageError
+from deploycomp.errors import DeploycompError, InputFileError, Interrupted, UsageError
 from deploycomp.files import read_json, write_json
 from deploycomp.pipeline.configs import _given
 from deploycomp.pipeline.plan import StudyPlan, plan_study
@@ -104,8 +104,8 @@ class PipelineRun:
         except (KeyboardInterrupt, TrainingInterrupted):
             write_json(self.run_dir / "run.json", self._run_doc(plans, tensorrt, time.perf_counter() - t0,
                                                                 "interrupted"))
-            raise DeploycompError(f"pipeline interrupted in stage {i} of {total}; finished stages are kept: run "
-                                  "the same command again to continue where it stopped") from None
+            raise Interrupted(f"pipeline interrupted in stage {i} of {total}; finished stages are kept: run "
+                              "the same command again to continue where it stopped") from None
         except DeploycompError:
             write_json(self.run_dir / "run.json", self._run_doc(plans, tensorrt, time.perf_counter() - t0, "failed"))
             raise
@@ -160,12 +160,15 @@ def _versions() -> dict[str, str | None]:
 
 
 def run_pipeline(recipe_path: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None, *,
-                 force: bool = False, plots: bool = True) -> dict[str, Any]:
+                 force: bool = False, plots: bool = True, wait: float | None = 0) -> dict[str, Any]:
     """Validate ``recipe_path`` (default: the shipped default recipe), run it in ``run_dir``, write the report.
 
-    Returns ``{"run": <run.json>, "report": <report paths>, "run_dir": <Path>}``.
+    The run directory is locked while the pipeline runs: another pipeline on it refuses (``wait`` 0) or
+    waits up to ``wait`` seconds (None: as long as it takes). Returns ``{"run": <run.json>, "report":
+    <report paths>, "run_dir": <Path>}``.
     """
     from deploycomp import report
+    from deploycomp.lock import LOCK_NAME, directory_lock
 
     recipe = load_recipe(recipe_path)
     out = Path(run_dir) if run_dir else Path("runs") / recipe.name
@@ -179,8 +182,9 @@ def run_pipeline(recipe_path: str | os.PathLike | None = None, run_dir: str | os
             prev = {}
         if prev.get("format") != RUN_FORMAT:
             raise UsageError(f"{out} holds something that is not a deploycomp pipeline run; choose another -o")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(f.name != LOCK_NAME for f in out.iterdir()):
         raise UsageError(f"{out} is not empty and holds no pipeline run; choose another -o directory")
-    run_doc = PipelineRun(recipe, out, RunOptions(force=force, plots=plots)).execute()
-    paths = report.write_report(out, formats=("md", "csv", "json"), plots=plots)
+    with directory_lock(out, wait=wait, what="run directory", hint="use --wait, or choose another -o directory"):
+        run_doc = PipelineRun(recipe, out, RunOptions(force=force, plots=plots)).execute()
+        paths = report.write_report(out, formats=("md", "csv", "json"), plots=plots)
     return {"run": run_doc, "report": paths, "run_dir": out}

@@ -106,11 +106,11 @@ class PruneConfig:
                                  "or --target-latency-ms MS")
         latency.validate(self)
         check(self.ratio is None or 0 < self.ratio < 1, f"--ratio must be in (0, 1), got {self.ratio}")
-        check(self.target_macs_g is None or self.target_macs_g > 0,
-              f"--target-macs must be positive, got {self.target_macs_g}")
-        check(self.target_speedup is None or self.target_speedup > 1,
-              f"--target-speedup must be above 1 ({'measured' if self.measured else 'MACs before / after'}), "
-              f"got {self.target_speedup}")
+        check(self.target_macs_g is None or 0 < self.target_macs_g < math.inf,
+              f"--target-macs must be positive and finite, got {self.target_macs_g}")
+        check(self.target_speedup is None or 1 < self.target_speedup < math.inf,
+              f"--target-speedup must be above 1 ({'measured' if self.measured else 'MACs before / after'}) and "
+              f"finite, got {self.target_speedup}")
         check(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         check(self.round_to >= 1, f"--round-to must be at least 1, got {self.round_to}")
         check(self.calib_samples > 0, f"--calib-samples must be positive, got {self.calib_samples}")
@@ -122,6 +122,9 @@ class PruneConfig:
               f"--eval-samples must be positive, got {self.eval_samples}")
         check(self.distill_from is None or self.finetune is not None,
               "--distill-from distils during fine-tuning; give --finetune-epochs 1 or more")
+        from deploycomp.distill import check_kd_params
+
+        check_kd_params(self.temperature, self.alpha, self.lam)
         if self.finetune is not None:
             self.finetune.validate()
 
@@ -137,6 +140,7 @@ class PruneConfig:
 
 def finetune_config(epochs: int = 1, **overrides) -> TrainConfig | None:
     """The fine-tuning :class:`TrainConfig` after pruning (None for ``epochs`` 0); SGD defaults to lr 0.01."""
+    check(epochs >= 0, f"--finetune-epochs must be >= 0 (0: no fine-tuning), got {epochs}")
     if epochs == 0:
         return None
     cfg = TrainConfig(epochs=epochs, **overrides)
@@ -285,19 +289,19 @@ def run_prune(model: str | None, config: PruneConfig, *, output: str | None = No
     """Load ``model`` (default: the shipped baseline) and its data, prune, write the checkpoint and its record."""
     from pathlib import Path
 
-    from deploycomp.files import ensure_not_input, sidecar_path, write_json
+    from deploycomp.files import check_output, sidecar_path, write_sidecar
     from deploycomp.inputs import load_inputs
     from deploycomp.workflows import default_output
 
     config.validate()  # cheap checks before loading anything
     ckpt, ds = load_inputs(model, data=data, data_dir=data_dir, need_train=True, **model_options)
     out = Path(output) if output else default_output(ckpt.name, f"pruned-{config.method}")
-    ensure_not_input(out, ckpt.source)
+    check_output(out, ckpt.source, config.distill_from)
     console.info(f"pruning {ckpt.source or ckpt.arch} with {config.method} ({_what(config)}) -> {out}")
     pruned, record = prune_checkpoint(ckpt, ds, config)
     record["output"] = str(out)
     pruned.save(out)
-    write_json(sidecar_path(out), record)
+    write_sidecar(out, record)
     console.info(f"wrote {out} and {sidecar_path(out)}")
     return record
 

@@ -92,8 +92,8 @@ def validate(cfg) -> None:
 
     check(not cfg.measured or cfg.target_speedup is not None,
           "--measured says that --target-speedup is a measured speed-up; give --target-speedup X with it")
-    check(cfg.target_latency_ms is None or cfg.target_latency_ms > 0,
-          f"--target-latency-ms must be positive, got {cfg.target_latency_ms}")
+    check(cfg.target_latency_ms is None or 0 < cfg.target_latency_ms < math.inf,
+          f"--target-latency-ms must be positive and finite, got {cfg.target_latency_ms}")
     given = [flag for name, flag in LATENCY_OPTIONS.items() if getattr(cfg, name) is not None]
     if not cfg.latency_target:
         check(not given, f"{given[0] if given else ''} applies to a measured latency target: add "

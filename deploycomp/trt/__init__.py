@@ -30,7 +30,7 @@ from typing import Any
 
 from deploycomp import __version__, console
 from deploycomp.errors import DeploycompError, InputFileError, MissingDependencyError, check
-from deploycomp.files import atomic_path, ensure_not_input, sha256, sidecar_path, write_json
+from deploycomp.files import atomic_path, check_output, sha256, write_sidecar
 from deploycomp.registry import Registry
 from deploycomp.trt.plan import (
     DEFAULT_MAX_BATCH,
@@ -74,7 +74,7 @@ def _import_tensorrt():
         import tensorrt
     except Exception as e:  # ImportError, or OSError/RuntimeError when the wheel lacks its libraries
         raise MissingDependencyError(f"TensorRT is not installed or does not load ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0][:160] if str(e) else 'no module'}); "
+                                     f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else 'no module'}); "
                                      + INSTALL_HINT) from None
     if not hasattr(tensorrt, "Builder"):
         raise MissingDependencyError("the installed `tensorrt` package has no Builder (a stub without NVIDIA's "
@@ -278,7 +278,7 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
         src = _quantized_source(src, plan.quantize_first, data, data_dir, calib_samples, calib_method)
         plan = plan_precision(plan.precision, plan.quantize_first, plan.trt_major)
     engine = Path(output) if output else default_engine_path(src, plan.precision)
-    ensure_not_input(engine, src, onnx_path)
+    check_output(engine, src, onnx_path)
     cache = Path(timing_cache) if timing_cache else default_timing_cache(version, gpu["compute_capability"])
     cmd = trtexec_command(src, engine, plan, profile, workspace_bytes=workspace_bytes, timing_cache=cache,
                           dla_core=dla_core)
@@ -303,7 +303,7 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
         **{k: side[k] for k in ("mean", "std", "class_names", "dataset", "arch", "macs", "params_total")
            if k in side},
     }
-    write_json(sidecar_path(engine), record)
+    write_sidecar(engine, record)
     return record
 
 
