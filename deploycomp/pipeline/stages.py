@@ -140,10 +140,11 @@ def _fit_stage(run: StageRun, ckpt, config, *, loss_fn=None, penalties=(), op: s
     ds = run.data(need_train=True)
     resume_path = run.dir / "train.resume.pt"
     result = fit(ckpt.model, ds.train, None, config, loss_fn=loss_fn, penalties=penalties,
-                 resume_path=resume_path, resume=resume_path.exists())
+                 resume_path=resume_path, resume=resume_path.exists(), keep_resume=True)
     params = {"dataset": ds.info.name, **dataclasses.asdict(config), **lineage}
     ckpt.add_lineage(op, **params)
     _save_model(ckpt, run)
+    resume_path.unlink(missing_ok=True)  # only once the trained model is saved: a kill before loses nothing
     return {"command": op, "params": params, "history": result.history, "train_seconds": result.seconds,
             "synthetic": ds.info.synthetic}
 
