@@ -5,30 +5,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from deploycomp.errors import UsageError
 
-
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"224"`` or ``"224x192"`` -> (H, W)."""
-    if text is None:
-        return None
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise UsageError(f"--input-size must look like 224 or 224x192, got {text!r}")
-    return (parts[0], parts[-1])
-
-
-def describe(model: str | None, *, input_size: str | None = None, batch: int = 1, **model_options) -> dict[str, Any]:
+def describe(model: str | None, *, input_size: tuple[int, int] | None = None, batch: int = 1,
+             **model_options) -> dict[str, Any]:
     from deploycomp.checkpoint import load_model
     from deploycomp.errors import check
     from deploycomp.metrics import layer_channels, memory_summary, model_metrics
 
     check(batch > 0, f"--batch must be positive, got {batch}")
-    ckpt = load_model(model, input_size=parse_size(input_size), **model_options)
-    shape = ckpt.input_shape
+    ckpt = load_model(model, input_size=input_size, **model_options)
+    shape = (ckpt.input_shape[0], *input_size) if input_size else ckpt.input_shape
     report = {"model": ckpt.source or ckpt.arch, "arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs,
               **model_metrics(ckpt.model, shape), "batch": batch, "memory": memory_summary(ckpt.model, shape, batch),
               "file_size_mib": os.path.getsize(ckpt.source) / 2**20 if ckpt.source else None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from deploycomp.cli.options import device_option, pass_options
+from deploycomp.cli.options import device_option, input_size_option, pass_options
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -43,7 +43,7 @@ def _batches(text: str) -> tuple[int, ...]:
               help="Replay a captured CUDA graph: torch on CUDA, or the ORT CUDA EP (enable_cuda_graph).")
 @click.option("--memory", is_flag=True,
               help="Measure memory (peak RSS, torch/TensorRT/NVML GPU memory); each run in a fresh process.")
-@click.option("--input-size", default=None, metavar="HxW", help="Input size for zoo models and checkpoints.")
+@input_size_option
 @click.option("--json", "json_file", default=None, metavar="FILE", help="Write results as JSON ('-': stdout).")
 @click.option("--csv", "csv_file", default=None, metavar="FILE", help="Write results as CSV ('-': stdout).")
 @pass_options
@@ -57,13 +57,12 @@ def bench(opts: dict) -> None:
     """
     from deploycomp import console
     from deploycomp.bench import BenchConfig, benchmark, describe_environment, tables, write_csv, write_json
-    from deploycomp.info import parse_size
 
     config = BenchConfig(backend=opts["backend"], device=opts["device"], provider=opts["provider"],
                          batches=_batches(opts["batch"]), warmup=opts["warmup"], warmup_ms=opts["warmup_ms"],
                          iters=opts["iters"], duration_s=opts["duration_s"], threads=opts["threads"], io=opts["io"],
                          cuda_graph=opts["cuda_graph"], memory=opts["memory"],
-                         input_size=parse_size(opts["input_size"]))
+                         input_size=opts["input_size"])
     results = benchmark(list(opts["artifacts"]) or None, config)
     if opts["json_file"]:
         write_json(opts["json_file"], results)
