@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,10 @@ class Checkpoint:
         if self.trusted_pickle:
             raise UsageError("a model loaded from a pickled module cannot be saved as a deploycomp checkpoint: "
                              "its architecture is unknown; load its state dict with --arch instead")
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        live = self.model.state_dict()
+        state = OrderedDict((k, v.detach().cpu().clone()) for k, v in live.items())
+        # Module versions (state_dict()._metadata): models such as MNASNet refuse a state dict without them.
+        state._metadata = getattr(live, "_metadata", None)
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "deploycomp": __version__,
                 "arch": self.arch, "model_kwargs": dict(self.model_kwargs), "surgeries": list(self.surgeries),
                 "state_dict": state, "metadata": dict(self.metadata)}

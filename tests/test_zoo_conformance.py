@@ -1,0 +1,156 @@
+"""Zoo conformance: every torchvision classification model, a user-code model and a timm model through
+prune (magnitude, ratio 0.3) -> save -> reload -> ONNX export -> ONNX Runtime parity, with no dataset.
+
+One model per torchvision family runs by default; the rest of the zoo is marked ``slow``
+(``python -m pytest -m slow tests/test_zoo_conformance.py``; ``benchmarks/zoo_sweep.py`` runs all of it
+and records the table in ``benchmarks/results/zoo_sweep.md``). Models that cannot pass are listed in
+EXCLUDED with the reason; a test that starts passing there fails (strict xfail), so the list stays true.
+
+Each model is built with 10 classes at a small input size, its BatchNorm statistics are set on random
+inputs (so that untrained deep networks respond to their input instead of vanishing or exploding, and
+parity means something), then it goes the way a user's model goes: `prune --data synthetic --method
+magnitude --ratio 0.3 --round-to 1 --finetune-epochs 0`, reload, `export` with its parity check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# (H, W) where the default (64 px) does not fit the architecture.
+SIZES = {
+    "inception_v3": 96,  # at least 75 px
+    "maxvit_t": 224,  # block and grid partitions of 7 need 224 px
+    "alexnet": 224,  # adaptive pooling to 6x6 / 7x7 exports only when it divides the feature map
+    **{f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+}
+DEFAULT_SIZE = 64
+# Constructor arguments a small input needs (ViT's positional embedding is sized for the input).
+KWARGS = {**{f"vit_{v}": {"image_size": 64} for v in ("b_16", "b_32", "l_16", "l_32")},
+          "vit_h_14": {"image_size": 56}}
+SIZES["vit_h_14"] = 56
+# model -> why it cannot pass (each is an xfail(strict): if it starts passing, the test says so).
+EXCLUDED: dict[str, str] = {}
+# timm models (benchmarks/zoo_sweep.py --timm ...): sizes, constructor arguments and exclusions, as above.
+TIMM_SIZES: dict[str, int] = {}
+TIMM_KWARGS: dict[str, dict] = {}
+TIMM_EXCLUDED: dict[str, str] = {}
+# One model per torchvision family, the cheapest of each: these run by default.
+FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121",
+        "googlenet", "inception_v3", "mnasnet0_5", "shufflenet_v2_x0_5", "squeezenet1_1", "convnext_tiny", "swin_t"]
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision.models as tvm
+
+    return tvm.list_models(module=tvm)
+
+
+def _params():
+    out = []
+    for name in torchvision_classifiers():
+        marks = [] if name in FAST else [pytest.mark.slow]
+        if name in EXCLUDED:
+            marks.append(pytest.mark.xfail(reason=EXCLUDED[name], strict=True))
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def roundtrip(ref: str, tmp_path, *, size: int = DEFAULT_SIZE, model_kwargs: dict | None = None,
+              num_classes: int | None = 10, arch: str | None = None) -> dict:
+    """prune -> save -> reload -> export (+ parity) through the library calls the CLI makes; returns numbers."""
+    from deploycomp import console
+    from deploycomp.checkpoint import load_checkpoint
+    from deploycomp.data import calibration_batches
+    from deploycomp.export import export_onnx
+    from deploycomp.inputs import load_inputs
+    from deploycomp.prune import PruneConfig, prune_checkpoint
+    from deploycomp.prune.calibrate import recalibrate_batchnorm
+
+    console.set_verbosity(console.QUIET)
+    ckpt, data = load_inputs(ref, data="synthetic", need_train=False, input_size=(size, size),
+                             num_classes=num_classes, model_kwargs=model_kwargs)
+    recalibrate_batchnorm(ckpt.model, calibration_batches(data.test, 16, 8), None)
+    x = torch.stack([data.test[i][0] for i in range(4)])
+    with torch.no_grad():
+        y = ckpt.model.eval()(x)
+    assert not torch.allclose(y[0], y[1], rtol=1e-3, atol=1e-5), "outputs do not depend on the input"
+    cfg = PruneConfig(method="magnitude", ratio=0.3, round_to=1, finetune=None)
+    pruned, record = prune_checkpoint(ckpt, data, cfg)
+    assert record["after"]["macs"] < record["before"]["macs"]
+    path = pruned.save(tmp_path / "pruned.pt")
+    again = load_checkpoint(path, arch=arch)
+    with torch.no_grad():
+        assert torch.equal(pruned.model.eval()(x), again.model(x)), "the reloaded model differs"
+        assert again.model(x).shape == (4, ckpt.num_classes)
+    exported = export_onnx(again, tmp_path / "pruned.onnx", data="synthetic", dataset=data.test)
+    assert exported["parity"]["passed"] and exported["parity"]["top1_agreement_pct"] == 100.0
+    return {"macs_reduction_pct": record["macs_reduction_pct"], "max_abs_diff": exported["parity"]["max_abs_diff"]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def family(name: str) -> str:
+    """The torchvision module that defines a model (resnet covers resnext and wide_resnet)."""
+    import torchvision.models as tvm
+
+    return tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+
+
+# Families whose cheapest member is too big for the default run (hundreds of MB of weights to trace,
+# save and export, or 224 px inputs); they run with -m slow.
+SLOW_ONLY = {"alexnet", "vgg", "vision_transformer", "maxvit"}
+
+
+def test_every_family_has_a_fast_representative():
+    names = torchvision_classifiers()
+    assert set(FAST) <= set(names) and not set(FAST) & set(EXCLUDED)
+    assert len({family(n) for n in FAST}) == len(FAST), "one fast model per family"
+    assert {family(n) for n in FAST} | SLOW_ONLY == {family(n) for n in names}
+
+
+@pytest.mark.parametrize("name", _params())
+def test_torchvision_model(name, tmp_path):
+    roundtrip(name, tmp_path, size=SIZES.get(name, DEFAULT_SIZE), model_kwargs=KWARGS.get(name))
+
+
+USER_NET = '''
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return (x + self.conv(x)).relu()
+
+
+def make(num_classes=10, width=16):
+    return nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         Block(width), nn.Conv2d(width, 2 * width, 1), Block(2 * width),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+'''
+
+
+def test_user_code_model(tmp_path):
+    """A model defined in the user's own file (residual and depthwise layers) goes the same way."""
+    path = tmp_path / "user_net.py"
+    path.write_text(USER_NET)
+    entry = f"{path}:make"
+    result = roundtrip(entry, tmp_path, size=32, model_kwargs={"width": 24}, arch=entry)
+    assert result["macs_reduction_pct"] > 30
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
+def test_timm_model(name, tmp_path):
+    pytest.importorskip("timm", reason="timm is not installed (pip install 'deploycomp[timm]')")
+    roundtrip(f"timm:{name}", tmp_path, size=64)
