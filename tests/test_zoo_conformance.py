@@ -1,43 +1,62 @@
-"""Zoo conformance: every torchvision classification model, a user-code model and a timm model through
+"""Zoo conformance: every torchvision classification model, a user-code model and timm models through
 prune (magnitude, ratio 0.3) -> save -> reload -> ONNX export -> ONNX Runtime parity, with no dataset.
 
-One model per torchvision family runs by default; the rest of the zoo is marked ``slow``
-(``python -m pytest -m slow tests/test_zoo_conformance.py``; ``benchmarks/zoo_sweep.py`` runs all of it
-and records the table in ``benchmarks/results/zoo_sweep.md``). Models that cannot pass are listed in
-EXCLUDED with the reason; a test that starts passing there fails (strict xfail), so the list stays true.
+One model per torchvision family (FAST) runs by default; the rest of the zoo is marked ``slow`` and runs
+with ``DEPLOYCOMP_SLOW_TESTS=1 python -m pytest tests/test_zoo_conformance.py``
+(``benchmarks/zoo_sweep.py`` runs all of it, one process per model, and records the table in
+``benchmarks/results/zoo_sweep.md``). Models that cannot pass are listed with the reason: EXCLUDED run
+as strict xfails (a model that starts passing makes the test fail, so the list stays true), NOT_RUN
+are skipped because trying would exhaust the machine's memory.
 
 Each model is built with 10 classes at a small input size, its BatchNorm statistics are set on random
-inputs (so that untrained deep networks respond to their input instead of vanishing or exploding, and
-parity means something), then it goes the way a user's model goes: `prune --data synthetic --method
-magnitude --ratio 0.3 --round-to 1 --finetune-epochs 0`, reload, `export` with its parity check.
+inputs and zero-initialised classifiers get random weights (so that untrained networks respond to their
+input instead of vanishing or exploding, and parity means something). Then it goes the way a user's
+model goes: `prune --data synthetic --method magnitude --ratio 0.3 --round-to 1 --finetune-epochs 0`,
+reload, `export` with its parity check.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-# (H, W) where the default (64 px) does not fit the architecture.
+DEFAULT_SIZE = 64  # input height and width, unless SIZES says otherwise
 SIZES = {
     "inception_v3": 96,  # at least 75 px
-    "maxvit_t": 224,  # block and grid partitions of 7 need 224 px
-    "alexnet": 224,  # adaptive pooling to 6x6 / 7x7 exports only when it divides the feature map
+    "vit_h_14": 56,  # a multiple of its 14 px patches
+    "alexnet": 224,  # adaptive pooling to 6x6 / 7x7 exports to ONNX only when it divides the feature map
     **{f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")},
 }
-DEFAULT_SIZE = 64
-# Constructor arguments a small input needs (ViT's positional embedding is sized for the input).
+# Constructor arguments a small input needs (ViT's positional embedding is sized for its input).
 KWARGS = {**{f"vit_{v}": {"image_size": 64} for v in ("b_16", "b_32", "l_16", "l_32")},
-          "vit_h_14": {"image_size": 56}}
-SIZES["vit_h_14"] = 56
-# model -> why it cannot pass (each is an xfail(strict): if it starts passing, the test says so).
-EXCLUDED: dict[str, str] = {}
+          "vit_h_14": {"image_size": 56},
+          "inception_v3": {"aux_logits": False}}  # the training-only auxiliary head needs 299 px
+# model -> why it fails; run as xfail(strict), so a model that starts passing makes the test fail.
+EXCLUDED = {f"shufflenet_v2_x{w}": "torch-pruning 1.6 cannot trace channel_shuffle (view -> transpose -> view): "
+            "building its dependency graph divides by zero (ShuffleNet is on Torch-Pruning's own list of failures)"
+            for w in ("0_5", "1_0", "1_5", "2_0")}
+# model -> why it is not even attempted (it would take the machine's memory down with it).
+_WINDOWS = ("torch-pruning 1.6's dependency graph runs out of memory on the window/grid partitions "
+            "(reshape/permute index mappings) and relative-position tables of {}; Swin is on Torch-Pruning's "
+            "own list of failures")
+NOT_RUN = {**{n: _WINDOWS.format("Swin") for n in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s",
+                                                     "swin_v2_b")},
+           "maxvit_t": _WINDOWS.format("MaxViT") + " (over 16 GiB at 224 px)"}
 # timm models (benchmarks/zoo_sweep.py --timm ...): sizes, constructor arguments and exclusions, as above.
 TIMM_SIZES: dict[str, int] = {}
 TIMM_KWARGS: dict[str, dict] = {}
 TIMM_EXCLUDED: dict[str, str] = {}
-# One model per torchvision family, the cheapest of each: these run by default.
-FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121",
-        "googlenet", "inception_v3", "mnasnet0_5", "shufflenet_v2_x0_5", "squeezenet1_1", "convnext_tiny", "swin_t"]
+# One model per torchvision family (the cheapest): these run by default, the rest only with
+# DEPLOYCOMP_SLOW_TESTS=1 (they are marked slow).
+FAST = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "googlenet", "inception_v3", "mnasnet0_5",
+        "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "shufflenet_v2_x0_5", "squeezenet1_1"]
+# Families whose cheapest member is too big for the default run (hundreds of MB of weights to trace, save
+# and export at 224 px); the tiny ViT below covers the adapter the ViT family needs.
+SLOW_ONLY = {"vgg", "vision_transformer"}
+SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("DEPLOYCOMP_SLOW_TESTS"),
+                                             reason="the whole zoo takes long; set DEPLOYCOMP_SLOW_TESTS=1 to run")]
 
 
 def torchvision_classifiers() -> list[str]:
@@ -49,9 +68,11 @@ def torchvision_classifiers() -> list[str]:
 def _params():
     out = []
     for name in torchvision_classifiers():
-        marks = [] if name in FAST else [pytest.mark.slow]
+        marks = [] if name in FAST else list(SLOW)
         if name in EXCLUDED:
             marks.append(pytest.mark.xfail(reason=EXCLUDED[name], strict=True))
+        if name in NOT_RUN:
+            marks.append(pytest.mark.skip(reason=NOT_RUN[name]))
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
@@ -70,6 +91,9 @@ def roundtrip(ref: str, tmp_path, *, size: int = DEFAULT_SIZE, model_kwargs: dic
     console.set_verbosity(console.QUIET)
     ckpt, data = load_inputs(ref, data="synthetic", need_train=False, input_size=(size, size),
                              num_classes=num_classes, model_kwargs=model_kwargs)
+    for m in ckpt.model.modules():  # zero-initialised classifiers (torchvision's ViT) would make parity trivial
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
     recalibrate_batchnorm(ckpt.model, calibration_batches(data.test, 16, 8), None)
     x = torch.stack([data.test[i][0] for i in range(4)])
     with torch.no_grad():
@@ -103,16 +127,13 @@ def family(name: str) -> str:
     return tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
 
 
-# Families whose cheapest member is too big for the default run (hundreds of MB of weights to trace,
-# save and export, or 224 px inputs); they run with -m slow.
-SLOW_ONLY = {"alexnet", "vgg", "vision_transformer", "maxvit"}
-
-
 def test_every_family_has_a_fast_representative():
     names = torchvision_classifiers()
-    assert set(FAST) <= set(names) and not set(FAST) & set(EXCLUDED)
+    assert set(FAST) <= set(names) and not set(FAST) & set(NOT_RUN)
+    assert set(EXCLUDED) | set(NOT_RUN) | set(SIZES) | set(KWARGS) <= set(names)
     assert len({family(n) for n in FAST}) == len(FAST), "one fast model per family"
-    assert {family(n) for n in FAST} | SLOW_ONLY == {family(n) for n in names}
+    never_run = {family(n) for n in NOT_RUN} - {family(n) for n in names if n not in NOT_RUN}
+    assert {family(n) for n in FAST} | SLOW_ONLY | never_run == {family(n) for n in names}
 
 
 @pytest.mark.parametrize("name", _params())
@@ -148,6 +169,14 @@ def test_user_code_model(tmp_path):
     entry = f"{path}:make"
     result = roundtrip(entry, tmp_path, size=32, model_kwargs={"width": 24}, arch=entry)
     assert result["macs_reduction_pct"] > 30
+
+
+def test_tiny_vit_through_a_module_entry_point(tmp_path):
+    """torchvision's ViT class as `package.module:factory` at toy size: the ViT adapter (heads, hidden_dim)."""
+    entry = "torchvision.models.vision_transformer:VisionTransformer"
+    kwargs = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
+    result = roundtrip(entry, tmp_path, size=32, model_kwargs=kwargs, arch=entry)
+    assert result["macs_reduction_pct"] > 5
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])

@@ -478,13 +478,17 @@ def prune_channels(model, example_input, criterion, ratio: float, *, global_prun
     already be calibrated), no search, no fine-tuning. ``ignore`` names modules whose outputs are kept;
     the classifier always is.
     """
+    from deploycomp.prune import adapters
+
     criterion.reset()
     ignored = _ignored_layers(model, ignore)
     with _one_thread():
         pruner = _tp_pruner_class()(
             model, example_input, criterion, pruning_ratio=ratio, global_pruning=global_pruning,
-            ignored_layers=[model.get_submodule(n) for n in ignored], round_to=round_to if round_to > 1 else None)
+            ignored_layers=[model.get_submodule(n) for n in ignored], round_to=round_to if round_to > 1 else None,
+            **adapters.pruner_kwargs(model))
         pruner.step()
+    adapters.after_pruning(model)
     return pruner.pruning_history()
 
 
