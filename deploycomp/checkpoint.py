@@ -186,7 +186,11 @@ def load_weights_file(model, path: str | os.PathLike, ref: str) -> None:
             from safetensors.torch import load_file
         except ImportError:
             raise MissingDependencyError(f"{path} is a safetensors file; pip install safetensors") from None
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"--weights {path} is not a readable safetensors file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     else:
         try:
             payload = _torch_load_safe(path)

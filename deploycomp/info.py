@@ -36,6 +36,17 @@ def list_registered(models: bool, datasets: bool) -> list[str]:
         lines += [f"  {n:<22} {get_spec(n).description}" for n in names if MODELS.get(n).source == "deploycomp"]
         lines.append("torchvision classification models: " + ", ".join(n for n in names
                                                                         if MODELS.get(n).source == "torchvision"))
+        lines.append(f"timm models: timm:NAME ({_timm_status()})")
+        lines.append("your own code: path/to/file.py:factory or package.module:factory (a callable returning an "
+                     "nn.Module; --model-kwargs, --weights FILE)")
     if datasets:
         lines += [f"{n:<15} {DATASETS.get(n).description}" for n in DATASETS.names()]
     return lines
+
+
+def _timm_status() -> str:
+    try:
+        import timm
+    except ImportError:
+        return 'timm is not installed: pip install "deploycomp[timm]"'
+    return f"timm {timm.__version__}, {len(timm.list_models())} architectures"

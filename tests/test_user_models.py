@@ -200,3 +200,19 @@ def test_user_code_file_imports_its_neighbours(tmp_path):
             return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head(num_classes))
     """))
     assert load_model(f"{tmp_path / 'net2.py'}:make").num_classes == 2
+
+
+def test_bench_takes_user_code_and_timm_models(cli, net_file):
+    """bench builds the same references (file.py:factory, timm:NAME) and times them."""
+    refs = [f"{net_file}:build"]
+    try:
+        import timm  # noqa: F401
+
+        refs.append("timm:mobilenetv3_small_050")
+    except ImportError:
+        pass
+    r = cli("bench", *refs, "--input-size", "32", "--iters", "3", "--warmup", "1", "--warmup-ms", "0",
+            "--json", "-")
+    results = json.loads(r.stdout)["results"]
+    assert [x["input_shape"] for x in results] == [[3, 32, 32]] * len(refs)
+    assert all(x["latency_ms"]["median"] > 0 for x in results)

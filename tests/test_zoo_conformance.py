@@ -45,7 +45,11 @@ NOT_RUN = {**{n: _WINDOWS.format("Swin") for n in ("swin_t", "swin_s", "swin_b",
                                                      "swin_v2_b")},
            "maxvit_t": _WINDOWS.format("MaxViT") + " (over 16 GiB at 224 px)"}
 # timm models (benchmarks/zoo_sweep.py --timm ...): sizes, constructor arguments and exclusions, as above.
-TIMM_SIZES: dict[str, int] = {}
+# (Attention-based models at the input size their positional tables were made for.)
+TIMM_SIZES = {**{n: 224 for n in ("vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+                                  "coat_lite_tiny", "pit_ti_224", "levit_128s", "tiny_vit_5m_224", "efficientvit_m0",
+                                  "efficientformer_l1", "tresnet_m")},
+              **{n: 256 for n in ("botnet26t_256", "halonet26t", "lambda_resnet26t")}, "crossvit_tiny_240": 240}
 TIMM_KWARGS: dict[str, dict] = {}
 TIMM_EXCLUDED: dict[str, str] = {}
 # One model per torchvision family (the cheapest): these run by default, the rest only with
