@@ -95,6 +95,10 @@ def run_distillation(teacher: str | None, student: str, config, *, temperature: 
                      "pass a trained checkpoint as --teacher")
     if peeked is not None:
         _check_same_classes(t_ckpt, peeked, teacher, student)
+    else:  # a fresh student takes the teacher's classes and input (synthetic data would follow the student)
+        student_options.setdefault("num_classes", t_ckpt.num_classes)
+        student_options.setdefault("in_channels", t_data.info.input_shape[0])
+    student_options.setdefault("input_size", tuple(t_data.info.input_shape[1:]))
     data = t_data.info.name
 
     def prepare(ckpt, ds) -> None:

@@ -31,6 +31,9 @@ def run_training(model: str | None, config, *, output: str | None = None, data: 
     ensure_not_input(out, ckpt.source)
     if prepare is not None:
         prepare(ckpt, ds)
+    if ds.info.synthetic:
+        console.warn(f"{op} on synthetic data: the model learns random tensors; use the result only to test the "
+                     "plumbing")
     console.info(f"training {ckpt.source or ckpt.arch} on {ds.info.name} for {config.epochs} epochs -> {out}")
     result = fit(ckpt.model, ds.train, ds.test, config, loss_fn=loss_fn, penalties=penalties,
                  resume_path=f"{out}.resume.pt", resume=resume)
