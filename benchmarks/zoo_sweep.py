@@ -6,9 +6,9 @@ statistics set on random inputs, ``prune --data synthetic --method magnitude --r
 saved, reloaded, exported to ONNX with the parity check. Each model runs in its own process with a memory
 cap and a time limit, so one model that blows up does not take the machine (or the sweep) with it.
 
-    python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_sweep.md             # torchvision, all
+    python benchmarks/zoo_sweep.py --mem-gib 16 --out benchmarks/results/zoo_sweep.md  # torchvision, all
     python benchmarks/zoo_sweep.py --models resnet18,alexnet --out /tmp/zoo.md        # a few
-    python benchmarks/zoo_sweep.py --timm resnet18,convnext_atto --no-torchvision --out /tmp/timm.md
+    python benchmarks/zoo_sweep.py --no-torchvision --timm sample --mem-gib 6 --out benchmarks/results/zoo_sweep_timm.md
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ def run_one(ref: str) -> dict:
 
 def sweep(refs: list[str], timeout: float, mem_gib: float) -> list[dict]:
     sys.path.insert(0, str(ROOT))
-    from tests.test_zoo_conformance import EXCLUDED, NOT_RUN, TIMM_EXCLUDED
+    from tests.test_zoo_conformance import EXCLUDED, NOT_RUN, TIMM_EXCLUDED, TIMM_NOT_RUN
 
     rows = []
     for ref in refs:
         name = ref.split(":", 1)[-1]
-        excluded = (TIMM_EXCLUDED if ref.startswith("timm:") else EXCLUDED).get(name)
-        if not ref.startswith("timm:") and name in NOT_RUN:
-            rows.append({"model": ref, "status": "excluded", "excluded": f"not run: {NOT_RUN[name]}",
-                         "wall_seconds": 0.0})
+        timm = ref.startswith("timm:")
+        excluded = (TIMM_EXCLUDED if timm else EXCLUDED).get(name)
+        not_run = (TIMM_NOT_RUN if timm else NOT_RUN).get(name)
+        if not_run:
+            rows.append({"model": ref, "status": "excluded", "excluded": f"not run: {not_run}", "wall_seconds": 0.0})
             print(f"{ref:32s} not run", flush=True)
             continue
 
@@ -72,7 +73,8 @@ def sweep(refs: list[str], timeout: float, mem_gib: float) -> list[dict]:
                 row = {"status": "ok", **json.loads(lines[-1][7:])}
             else:
                 err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-                memory = "MemoryError" in proc.stderr or "DefaultCPUAllocator" in proc.stderr or proc.returncode < 0
+                memory = proc.returncode < 0 or any(m in proc.stderr for m in (
+                    "MemoryError", "DefaultCPUAllocator", "Cannot allocate memory"))
                 row = {"status": "out of memory" if memory else "FAILED", "error": err[-1][:300] if err else
                        f"exit code {proc.returncode}"}
         except subprocess.TimeoutExpired:
@@ -155,7 +157,7 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--models", default=None, help="comma-separated torchvision names (default: all)")
     ap.add_argument("--no-torchvision", action="store_true", help="only the --timm models")
-    ap.add_argument("--timm", default="", help="comma-separated timm model names")
+    ap.add_argument("--timm", default="", help="comma-separated timm model names, or 'sample' (TIMM_SAMPLE)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per model")
     ap.add_argument("--mem-gib", type=float, default=12, help="address-space cap per model (GiB)")
     ap.add_argument("--loaded", action="store_true", help="say in the table that the machine was shared")
@@ -169,7 +171,10 @@ def main() -> None:
     from tests.test_zoo_conformance import torchvision_classifiers
 
     refs = [] if args.no_torchvision else (args.models.split(",") if args.models else torchvision_classifiers())
-    refs += [f"timm:{n}" for n in args.timm.split(",") if n]
+    from tests.test_zoo_conformance import TIMM_SAMPLE
+
+    timm_names = TIMM_SAMPLE if args.timm == "sample" else [n for n in args.timm.split(",") if n]
+    refs += [f"timm:{n}" for n in timm_names]
     rows = sweep(refs, args.timeout, args.mem_gib)
     text = table(rows, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
