@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deploycomp import __version__
-from deploycomp.errors import CheckpointError, UsageError, first_line
+from deploycomp.errors import CheckpointError, MissingDependencyError, UsageError, first_line
 from deploycomp.files import atomic_path, ensure_not_input, require_file
 from deploycomp.registry import Registry
 
@@ -63,11 +64,21 @@ class Checkpoint:
         from deploycomp.zoo import get_spec
 
         spec = get_spec(self.arch)
-        return (self.model_kwargs.get("in_channels") or spec.input_size[0], *spec.input_size[1:])
+        return (self.in_channels or spec.input_size[0], *spec.input_size[1:])
 
     @property
     def num_classes(self) -> int | None:
-        return self.model_kwargs.get("num_classes")
+        """Classes the model predicts: its constructor argument, else the outputs of its last Linear layer."""
+        from deploycomp.zoo import infer_num_classes
+
+        return self.model_kwargs.get("num_classes") or infer_num_classes(self.model)
+
+    @property
+    def in_channels(self) -> int | None:
+        """Input channels: the constructor argument, else those of the first convolution."""
+        from deploycomp.zoo import infer_in_channels
+
+        return self.model_kwargs.get("in_channels") or infer_in_channels(self.model)
 
     @property
     def name(self) -> str:
@@ -94,7 +105,10 @@ class Checkpoint:
         if self.trusted_pickle:
             raise UsageError("a model loaded from a pickled module cannot be saved as a deploycomp checkpoint: "
                              "its architecture is unknown; load its state dict with --arch instead")
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        live = self.model.state_dict()
+        state = OrderedDict((k, v.detach().cpu().clone()) for k, v in live.items())
+        # Module versions (state_dict()._metadata): models such as MNASNet refuse a state dict without them.
+        state._metadata = getattr(live, "_metadata", None)
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "deploycomp": __version__,
                 "arch": self.arch, "model_kwargs": dict(self.model_kwargs), "surgeries": list(self.surgeries),
                 "state_dict": state, "metadata": dict(self.metadata)}
@@ -115,40 +129,103 @@ class Checkpoint:
 
 
 # Suffixes that make a --model value a file name even when the file does not exist (a clear "does not exist").
-FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".onnx", ".engine", ".plan", ".trt", ".json", ".yaml", ".yml")
+FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".onnx", ".engine", ".plan", ".trt", ".json",
+                 ".yaml", ".yml")
 
 
 def _looks_like_path(ref: str) -> bool:
+    """A file reference (checkpoint, state dict, or another kind of file named where a model is expected), as
+    opposed to a zoo name, NAMESPACE:NAME or user code."""
+    from deploycomp.zoo import NAMESPACES, is_user_code
+
+    if is_user_code(ref) or ref.partition(":")[0] in NAMESPACES:
+        return False
     return os.sep in ref or "/" in ref or Path(ref).suffix in FILE_SUFFIXES or os.path.lexists(ref)
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
 def load_model(ref: str | None = None, *, arch: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, weights: str | None = None, trust_pickle: bool = False,
-               input_size: tuple[int, int] | None = None, **model_kwargs) -> Checkpoint:
+               input_size: tuple[int, int] | None = None, model_kwargs: dict[str, Any] | None = None) -> Checkpoint:
     """Resolve ``ref`` into a :class:`Checkpoint`.
 
     ``ref`` is a deploycomp checkpoint, a plain state dict (with ``arch``), a pickled module (only with
-    ``trust_pickle``), or a model name from the zoo (built fresh). ``None`` means the shipped baseline.
+    ``trust_pickle``), or a model built fresh: a zoo name, ``timm:NAME`` or user code
+    (``file.py:factory``, ``package.module:factory``) called with ``model_kwargs``. ``None`` means the
+    shipped baseline. ``weights`` is a local state-dict file, or the name of published weights
+    (torchvision, timm). A checkpoint built from user code reloads only with that code named as ``arch``.
     """
     ref = ref or default_model()
     if _looks_like_path(ref):
+        if weights is not None:
+            raise UsageError(f"--weights applies to a model built from a name or code; {ref} is a file that "
+                             "brings its own weights")
         return load_checkpoint(ref, arch=arch, num_classes=num_classes, in_channels=in_channels,
-                               trust_pickle=trust_pickle)
-    from deploycomp.zoo import build_model, get_spec
+                               trust_pickle=trust_pickle, model_kwargs=model_kwargs)
+    from deploycomp.files import sha256
+    from deploycomp.zoo import build_model, get_spec, infer_in_channels
 
     spec = get_spec(ref)
-    kwargs = {k: v for k, v in dict(num_classes=num_classes, in_channels=in_channels, **model_kwargs).items()
-              if v is not None}
-    model = build_model(ref, weights=weights, **kwargs)
-    kwargs.setdefault("num_classes", 1000 if spec.source == "torchvision" else 10)
-    kwargs.setdefault("in_channels", spec.input_size[0])
-    meta: dict[str, Any] = {}
-    if input_size:
-        meta["input_shape"] = [kwargs["in_channels"], *input_size]
-    ckpt = Checkpoint(model, ref, kwargs, [], meta)
-    if weights:
-        ckpt.metadata["weights"] = weights
-    return ckpt
+    weights_file = weights if weights is not None and _looks_like_path(weights) else None
+    kwargs = spec.build_kwargs(num_classes, in_channels, **(model_kwargs or {}))
+    model = build_model(ref, num_classes=num_classes, in_channels=in_channels,
+                        weights=None if weights_file else weights, **(model_kwargs or {}))
+    channels = kwargs.get("in_channels") or infer_in_channels(model) or spec.input_size[0]
+    meta: dict[str, Any] = {"input_shape": [channels, *(input_size or spec.input_size[1:])]}
+    if spec.code_file:
+        meta["code"] = {"entry": ref, "file": spec.code_file, "sha256": sha256(spec.code_file)}
+    if weights_file:
+        load_weights_file(model, weights_file, ref)
+        meta.update(weights=str(weights_file), weights_sha256=sha256(weights_file))
+    elif weights:
+        meta["weights"] = weights
+    return Checkpoint(model, ref, kwargs, [], meta)
+
+
+def load_weights_file(model, path: str | os.PathLike, ref: str) -> None:
+    """Load a local state dict (``.pt``/``.pth``/``.bin`` read with weights_only, or ``.safetensors``)."""
+    path = require_file(path, "weights file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise MissingDependencyError(f"{path} is a safetensors file; pip install safetensors") from None
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"--weights {path} is not a readable safetensors file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    else:
+        try:
+            payload = _torch_load_safe(path)
+        except _PickledObjects:
+            raise CheckpointError(f"--weights {path} contains pickled Python objects, not just tensors; save "
+                                  "its state_dict() and pass that") from None
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            raise UsageError(f"--weights {path} is a deploycomp checkpoint; load it with --model {path}")
+        state = _state_dict_of(payload)
+        if state is None:
+            raise CheckpointError(f"--weights {path} holds no state dict (a mapping of parameter names to tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"--weights {path} does not fit {ref}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _state_dict_of(payload: Any) -> dict[str, Any] | None:
+    """The state dict in ``payload``: itself, or under "state_dict"/"model" (training scripts' wrappers)."""
+    for key in ("state_dict", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    if not (isinstance(payload, dict) and payload and all(hasattr(v, "shape") for v in payload.values())):
+        return None
+    prefix = "module."  # saved from DistributedDataParallel / DataParallel
+    if all(k.startswith(prefix) for k in payload):
+        payload = {k[len(prefix):]: v for k, v in payload.items()}
+    return payload
 
 
 def _torch_load_safe(path: Path) -> Any:
@@ -197,8 +274,13 @@ def _is_pickle_container(path: Path) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
-                    in_channels: int | None = None, trust_pickle: bool = False) -> Checkpoint:
-    """Load a file: deploycomp checkpoint, plain state dict (needs ``arch``) or trusted pickled module."""
+                    in_channels: int | None = None, trust_pickle: bool = False,
+                    model_kwargs: dict[str, Any] | None = None) -> Checkpoint:
+    """Load a file: deploycomp checkpoint, plain state dict (needs ``arch``) or trusted pickled module.
+
+    A deploycomp checkpoint built from user code names that code but never runs it on its own: ``arch``
+    must name the code (the recorded entry point, or where it lives now).
+    """
     path = require_file(path, "model file")
     try:
         payload = _torch_load_safe(path)
@@ -210,27 +292,31 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_cla
                 "with --arch NAME") from None
         return _load_pickled_module(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return _from_payload(payload, path)
-    if isinstance(payload, dict) and "state_dict" in payload and isinstance(payload["state_dict"], dict):
-        payload = payload["state_dict"]  # common {"state_dict": ...} wrapper of training scripts
-    if isinstance(payload, dict) and payload and all(hasattr(v, "shape") for v in payload.values()):
-        return _from_state_dict(payload, path, arch, num_classes, in_channels)
+        if model_kwargs:
+            raise UsageError(f"--model-kwargs: {path} is a deploycomp checkpoint that records its own constructor "
+                             "arguments")
+        return _from_payload(payload, path, arch)
+    state = _state_dict_of(payload)
+    if state is not None:
+        return _from_state_dict(state, path, arch, num_classes, in_channels, model_kwargs or {})
     raise CheckpointError(f"{path} is neither a deploycomp checkpoint nor a state dict; "
                           "nothing in it can be turned into a model")
 
 
-def _from_payload(payload: dict[str, Any], path: Path) -> Checkpoint:
+def _from_payload(payload: dict[str, Any], path: Path, arch: str | None = None) -> Checkpoint:
     from deploycomp.zoo import build_model
 
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer deploycomp ({payload.get('deploycomp')}); upgrade")
     try:
-        model = build_model(payload["arch"], **payload["model_kwargs"])
+        recorded, kwargs = payload["arch"], dict(payload["model_kwargs"])
     except KeyError as e:
         raise CheckpointError(f"{path} is a damaged deploycomp checkpoint (missing {e})") from None
+    metadata = dict(payload.get("metadata", {}))
+    build_arch = _user_code_arch(recorded, arch, path, metadata)
+    model = build_model(build_arch, **kwargs)
     try:
-        ckpt = Checkpoint(model, payload["arch"], dict(payload["model_kwargs"]), list(payload.get("surgeries", [])),
-                          dict(payload.get("metadata", {})), str(path))
+        ckpt = Checkpoint(model, build_arch, kwargs, list(payload.get("surgeries", [])), metadata, str(path))
         replay_surgeries(ckpt)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path} is a damaged deploycomp checkpoint ({first_line(e, 200)})") from None
@@ -241,6 +327,31 @@ def _from_payload(payload: dict[str, Any], path: Path) -> Checkpoint:
             from None
     model.eval()
     return ckpt
+
+
+def _user_code_arch(recorded: str, given: str | None, path: Path, metadata: dict[str, Any]) -> str:
+    """The architecture to rebuild: ``recorded``, unless it is user code, which must be named (``given``)."""
+    from deploycomp import console
+    from deploycomp.files import sha256
+    from deploycomp.zoo import get_spec, is_user_code
+
+    if not is_user_code(recorded):
+        return recorded
+    if given is None:
+        raise CheckpointError(f"{path} was built by user code {recorded}; loading it imports and runs that code, "
+                              f"so name it: --arch {recorded} (or where that code lives now)")
+    if not is_user_code(given):
+        raise UsageError(f"--arch {given}: {path} was built by user code {recorded}; name that code "
+                         "(path/to/file.py:factory or package.module:factory)")
+    spec = get_spec(given)
+    before = (metadata.get("code") or {}).get("sha256")
+    if spec.code_file:
+        now = sha256(spec.code_file)
+        if before and now != before:
+            console.warn(f"{spec.code_file} changed since {path} was written; the weights are loaded into the "
+                         "current code")
+        metadata["code"] = {"entry": given, "file": spec.code_file, "sha256": now}
+    return given
 
 
 def _import_surgeries() -> None:
@@ -258,8 +369,9 @@ def replay_surgeries(ckpt: Checkpoint) -> None:
         fn(ckpt.model, record, ckpt.example_input())
 
 
-def _from_state_dict(state: dict[str, Any], path: Path, arch: str | None, num_classes, in_channels) -> Checkpoint:
-    from deploycomp.zoo import build_model
+def _from_state_dict(state: dict[str, Any], path: Path, arch: str | None, num_classes, in_channels,
+                     model_kwargs: dict[str, Any]) -> Checkpoint:
+    from deploycomp.zoo import build_model, get_spec
 
     if arch is None:
         raise UsageError(f"{path} is a plain state dict; say which architecture it belongs to with --arch NAME")
@@ -267,7 +379,8 @@ def _from_state_dict(state: dict[str, Any], path: Path, arch: str | None, num_cl
     convs = [v for v in state.values() if getattr(v, "ndim", 0) == 4]
     num_classes = num_classes or (int(matrices[-1].shape[0]) if matrices else None)
     in_channels = in_channels or (int(convs[0].shape[1]) if convs else None)
-    kwargs = {k: v for k, v in dict(num_classes=num_classes, in_channels=in_channels).items() if v is not None}
+    spec = get_spec(arch)
+    kwargs = spec.build_kwargs(num_classes, in_channels, **model_kwargs)
     model = build_model(arch, **kwargs)
     try:
         model.load_state_dict(state)

@@ -6,6 +6,7 @@ synthetic). Results computed on synthetic data are labelled as such wherever the
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from collections.abc import Callable
@@ -39,18 +40,39 @@ class DatasetInfo:
 
 
 @dataclass(frozen=True)
+class ModelInputs:
+    """What a model takes, for datasets that adapt to it (all fields optional).
+
+    ``synthetic`` takes everything from it; ``imagefolder`` converts images to ``channels`` and
+    normalises with the model's ``mean``/``std`` (those of the data it was trained on).
+    """
+
+    channels: int | None = None
+    size: tuple[int, int] | None = None  # (H, W)
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    loader: Callable[..., Any]  # (split, data_dir, augment, input_size) -> (Dataset, DatasetInfo)
+    loader: Callable[..., Any]  # (split, data_dir, augment, input_size, fit) -> (Dataset, DatasetInfo)
     description: str
+    follows_model: bool = False  # True: classes, channels and size come from the model (``fit``), not from files
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def register_dataset(name: str, description: str):
+def register_dataset(name: str, description: str, follows_model: bool = False):
+    """Decorator registering ``loader(split, data_dir, augment, input_size, fit) -> (dataset, DatasetInfo)``.
+
+    A loader may ignore ``input_size`` (the images are then resized for it) and ``fit``.
+    """
+
     def wrap(fn):
-        DATASETS.register(name, DatasetSpec(name, fn, description))
+        DATASETS.register(name, DatasetSpec(name, fn, description, follows_model))
         return fn
 
     return wrap
@@ -60,17 +82,25 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
+def get_dataset_spec(name: str) -> DatasetSpec:
+    return DATASETS.get(name)
+
+
 def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
-                 augment: bool = False, input_size: tuple[int, int] | None = None):
+                 augment: bool = False, input_size: tuple[int, int] | None = None,
+                 fit: ModelInputs | None = None):
     """Return ``(dataset, info)`` for ``split`` in {"train", "test"} of dataset ``name``.
 
-    ``input_size`` (H, W) resizes images, e.g. to feed 28 px Fashion-MNIST to a 224 px model.
+    ``input_size`` (H, W) resizes images, e.g. to feed 28 px Fashion-MNIST to a 224 px model. ``fit``
+    describes the model, for the datasets that adapt to it (synthetic, imagefolder).
     """
     check(split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}")
-    dataset, info = DATASETS.get(name).loader(split=split, data_dir=data_dir, augment=augment)
-    if input_size is not None and tuple(input_size) != info.input_shape[1:]:
-        dataset = _Resized(dataset, tuple(input_size))
-        info.input_shape = (info.input_shape[0], *input_size)
+    size = tuple(input_size) if input_size is not None else None
+    dataset, info = DATASETS.get(name).loader(split=split, data_dir=data_dir, augment=augment, input_size=size,
+                                              fit=fit or ModelInputs())
+    if size is not None and size != info.input_shape[1:]:
+        dataset = _Resized(dataset, size)
+        info.input_shape = (info.input_shape[0], *size)
     return dataset, info
 
 
@@ -166,7 +196,7 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 
 
 @register_dataset("fashion-mnist", "Fashion-MNIST, 28x28 grayscale, 10 classes (Debian: dataset-fashion-mnist)")
-def _fashion_mnist(split: str, data_dir=None, augment: bool = False):
+def _fashion_mnist(split: str, data_dir=None, augment: bool = False, **_):
     prefix = "train" if split == "train" else "t10k"
     dirs = [Path(data_dir)] if data_dir else [Path(os.environ.get("DEPLOYCOMP_FASHION_MNIST", FASHION_MNIST_DIRS[0]))]
     for d in dirs:
@@ -189,7 +219,7 @@ def _fashion_mnist(split: str, data_dir=None, augment: bool = False):
 
 
 @register_dataset("cifar10", "CIFAR-10 in torchvision's layout (cifar-10-batches-py) under --data-dir")
-def _cifar10(split: str, data_dir=None, augment: bool = False):
+def _cifar10(split: str, data_dir=None, augment: bool = False, **_):
     import torch
     import torchvision
 
@@ -206,52 +236,128 @@ def _cifar10(split: str, data_dir=None, augment: bool = False):
     return _TensorImages(x, y, info.mean, info.std, augment and split == "train", pad=4), info
 
 
-@register_dataset("imagefolder", "images in DIR/train/<class>/ and DIR/val/<class>/ (resized to 224 px)")
-def _imagefolder(split: str, data_dir=None, augment: bool = False, size: int = 224):
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)  # ImageNet's statistics averaged over the channels
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+EVAL_CROP = 0.875  # evaluation: resize to size / 0.875, centre-crop size (ImageNet's 256 -> 224)
+
+
+@register_dataset("imagefolder", "images in DIR/train/<class>/ and DIR/val/<class>/ (224 px unless --input-size; "
+                                 "grayscale trees give 1 channel)")
+def _imagefolder(split: str, data_dir=None, augment: bool = False, input_size=None, fit: ModelInputs = ModelInputs()):
+    """An image tree, converted to the model's channels and normalised with the model's statistics.
+
+    Without a model to follow, the channels are those of the first image (1 for grayscale, else 3) and
+    the statistics ImageNet's. Evaluation resizes to size / 0.875 and centre-crops, except that images
+    already at the input size are used as they are; training uses a random resized crop and flip.
+    """
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
     check(data_dir is not None, "imagefolder needs --data-dir DIR with train/ and val/ subfolders")
     sub = Path(data_dir) / ("train" if split == "train" else "val")
     check(sub.is_dir(), f"{sub} is not a directory; imagefolder expects DIR/train and DIR/val", InputFileError)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    size = tuple(input_size or fit.size or (224, 224))
+    channels = fit.channels or _tree_channels(sub)
+    check(channels in (1, 3), f"imagefolder gives 1 (grayscale) or 3 (RGB) channels; the model takes {channels}")
+    default_mean, default_std = (GRAY_MEAN, GRAY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    mean = tuple(fit.mean) if fit.mean and len(fit.mean) == channels else default_mean
+    std = tuple(fit.std) if fit.std and len(fit.std) == channels else default_std
     ops = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment and split == "train" else \
-        [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+        [_ResizeCrop(size)]
+    mode = "L" if channels == 1 else "RGB"
     try:
-        ds = ImageFolder(str(sub), T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)]), loader=_load_image)
+        ds = ImageFolder(str(sub), T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)]),
+                         loader=functools.partial(_open_image, mode=mode))
     except FileNotFoundError as e:  # no class folders, or no image in them
         raise InputFileError(f"{sub} holds no images: {e} Put them in {sub}/<class>/*.jpg") from None
-    info = DatasetInfo("imagefolder", len(ds.classes), (3, size, size), mean, std, list(ds.classes))
+    except OSError as e:
+        raise InputFileError(f"{sub}: {e}") from None
+    info = DatasetInfo("imagefolder", len(ds.classes), (channels, *size), mean, std, list(ds.classes))
     return ds, info
 
 
-def _load_image(path: str):
-    """torchvision's PIL loader, with one line naming the file when it is not a readable image."""
+def _open_image(path: str, mode: str):
+    """torchvision's PIL loader in ``mode``, with one line naming the file when it is not a readable image."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return Image.open(f).convert(mode)
     except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise InputFileError(f"{path} is not a readable image ({type(e).__name__}); remove or replace it") \
             from None
 
 
+def _tree_channels(root: Path) -> int:
+    """1 when the first image under ``root`` is grayscale, else 3."""
+    from PIL import Image
+
+    first = next((p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
+    if first is None:
+        return 3  # ImageFolder itself says that the tree has no images
+    try:
+        with Image.open(first) as im:
+            return 1 if im.mode in GRAY_MODES else 3
+    except (OSError, ValueError, SyntaxError) as e:  # the same one line as the loader's
+        raise InputFileError(f"{first} is not a readable image ({type(e).__name__}); remove or replace it") \
+            from None
+
+
+class _ResizeCrop:
+    """Resize to size / EVAL_CROP and centre-crop ``size``; an image already at ``size`` passes unchanged."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+    def __call__(self, image):
+        import torchvision.transforms.functional as F
+
+        if (image.height, image.width) == self.size:
+            return image
+        image = F.resize(image, int(max(self.size) / EVAL_CROP))
+        return F.center_crop(image, list(self.size))
+
+
 SYNTHETIC_SIZES = {"train": 512, "test": 256}
+SYNTHETIC_SHAPE, SYNTHETIC_CLASSES = (3, 32, 32), 10  # when there is no model to follow
 
 
-@register_dataset("synthetic", "seeded random tensors (3x32x32, 10 classes); accuracy on it means nothing")
-def _synthetic(split: str, data_dir=None, augment: bool = False, shape=(3, 32, 32), classes: int = 10):
-    import torch
-
-    g = torch.Generator().manual_seed(0 if split == "train" else 1)
-    n = SYNTHETIC_SIZES[split]
-    y = torch.randint(0, classes, (n,), generator=g)
-    # Class-dependent mean so that training can at least move; the numbers still mean nothing.
-    x = (torch.rand(n, *shape, generator=g) * 200 + y.view(-1, 1, 1, 1) * 5).to(torch.uint8)
-    info = DatasetInfo("synthetic", classes, tuple(shape), (0.5,) * shape[0], (0.25,) * shape[0],
+@register_dataset("synthetic", "seeded random tensors in the model's shape and classes (3x32x32, 10 classes "
+                               "without a model); accuracy on it means nothing", follows_model=True)
+def _synthetic(split: str, data_dir=None, augment: bool = False, input_size=None, fit: ModelInputs = ModelInputs()):
+    channels = fit.channels or SYNTHETIC_SHAPE[0]
+    shape = (channels, *(input_size or fit.size or SYNTHETIC_SHAPE[1:]))
+    classes = fit.num_classes or SYNTHETIC_CLASSES
+    check(classes >= 1, f"synthetic data needs at least one class, got {classes}")
+    info = DatasetInfo("synthetic", classes, shape, (0.5,) * channels, (0.25,) * channels,
                        [f"class{i}" for i in range(classes)], synthetic=True)
-    return _TensorImages(x, y, info.mean, info.std, False), info
+    return _SyntheticImages(SYNTHETIC_SIZES[split], shape, classes, 0 if split == "train" else 1), info
+
+
+class _SyntheticImages:
+    """Seeded random images made on access (any size costs no memory up front), normalised like uint8 images.
+
+    The label shifts the mean a little, so that training can at least move; the numbers still mean nothing.
+    """
+
+    def __init__(self, n: int, shape: tuple[int, ...], classes: int, seed: int):
+        self.n, self.shape, self.classes, self.seed = n, shape, classes, seed
+        self.step = min(5.0, 55.0 / max(classes - 1, 1))  # the class offset stays within uint8's range
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i % self.n)
+        y = torch.randint(0, self.classes, (), generator=g)
+        x = (torch.rand(self.shape, generator=g) * 200 + float(y) * self.step).floor_().div_(255)
+        return (x - 0.5) / 0.25, y
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,31 +70,38 @@ def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 
     return loss
 
 
-def run_distillation(teacher: str, student: str, config, *, temperature: float = 2.0, alpha: float = 0.5,
+def run_distillation(teacher: str | None, student: str, config, *, temperature: float = 2.0, alpha: float = 0.5,
                      lam: float = 0.5, output: str | None = None, data: str | None = None,
                      data_dir: str | None = None, resume: bool = False, **student_options) -> dict[str, Any]:
-    """Distill ``teacher`` into ``student`` (zoo names or checkpoints) with the one shared ``fit()``.
+    """Distill ``teacher`` (default: the shipped baseline) into ``student`` with the one shared ``fit()``.
 
-    The dataset is ``data``, else the teacher checkpoint's, else the student checkpoint's, else the
-    default. The checkpoint's lineage records the teacher, T, alpha, lambda and the training config.
+    Both are zoo names or checkpoints. The dataset is ``data``, else the teacher checkpoint's, else the
+    student checkpoint's, else the default. The checkpoint's lineage records the teacher, T, alpha,
+    lambda and the training config.
     """
     from deploycomp import console
-    from deploycomp.checkpoint import _looks_like_path, load_model
+    from deploycomp.checkpoint import _looks_like_path, default_model, load_model
     from deploycomp.files import check_output
     from deploycomp.inputs import load_inputs
     from deploycomp.workflows import default_output, run_training
 
     check_kd_params(temperature, alpha, lam)
     config.validate()  # cheap checks before loading anything
+    teacher = teacher or default_model()
     peeked = load_model(student, **student_options) if _looks_like_path(student) else None
     if data is None and not _looks_like_path(teacher) and peeked is not None:
         data = peeked.metadata.get("dataset")
-    t_ckpt, t_data = load_inputs(teacher, data=data, data_dir=data_dir, need_train=False)
+    t_ckpt, t_data = load_inputs(teacher, data=data, data_dir=data_dir, need_train=False,
+                                 input_size=student_options.get("input_size"))
     if not t_ckpt.source and not t_ckpt.metadata.get("weights"):
         console.warn(f"teacher {teacher!r} is a freshly initialised zoo model, not a trained one; "
                      "pass a trained checkpoint as --teacher")
     if peeked is not None:
         _check_same_classes(t_ckpt, peeked, teacher, student)
+    else:  # a fresh student takes the teacher's classes and input (synthetic data would follow the student)
+        student_options.setdefault("num_classes", t_ckpt.num_classes)
+        student_options.setdefault("in_channels", t_data.info.input_shape[0])
+    student_options.setdefault("input_size", tuple(t_data.info.input_shape[1:]))
     data = t_data.info.name
 
     def prepare(ckpt, ds) -> None:

@@ -5,35 +5,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from deploycomp.errors import UsageError
-from deploycomp.resources import MAX_SIDE
 
-
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"224"`` or ``"224x192"`` -> (H, W)."""
-    if text is None:
-        return None
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise UsageError(f"--input-size must look like 224 or 224x192, got {text!r}")
-    if max(parts) > MAX_SIDE:
-        raise UsageError(f"--input-size {text} is larger than any image classifier takes (at most {MAX_SIDE} px a "
-                         "side)")
-    return (parts[0], parts[-1])
-
-
-def describe(model: str | None, *, input_size: str | None = None, batch: int = 1, **model_options) -> dict[str, Any]:
+def describe(model: str | None, *, input_size: tuple[int, int] | None = None, batch: int = 1,
+             **model_options) -> dict[str, Any]:
     from deploycomp.checkpoint import load_model
     from deploycomp.errors import check
     from deploycomp.metrics import layer_channels, memory_summary, model_metrics
     from deploycomp.resources import check_forward_fits
 
     check(batch > 0, f"--batch must be positive, got {batch}")
-    ckpt = load_model(model, input_size=parse_size(input_size), **model_options)
-    shape = ckpt.input_shape
+    ckpt = load_model(model, input_size=input_size, **model_options)
+    shape = (ckpt.input_shape[0], *input_size) if input_size else ckpt.input_shape
     check_forward_fits(ckpt.model, shape, batch, "--batch or --input-size")
     report = {"model": ckpt.source or ckpt.arch, "arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs,
               **model_metrics(ckpt.model, shape), "batch": batch, "memory": memory_summary(ckpt.model, shape, batch),
@@ -56,6 +38,17 @@ def list_registered(models: bool, datasets: bool) -> list[str]:
         lines += [f"  {n:<22} {get_spec(n).description}" for n in names if MODELS.get(n).source == "deploycomp"]
         lines.append("torchvision classification models: " + ", ".join(n for n in names
                                                                         if MODELS.get(n).source == "torchvision"))
+        lines.append(f"timm models: timm:NAME ({_timm_status()})")
+        lines.append("your own code: path/to/file.py:factory or package.module:factory (a callable returning an "
+                     "nn.Module; --model-kwargs, --weights FILE)")
     if datasets:
         lines += [f"{n:<15} {DATASETS.get(n).description}" for n in DATASETS.names()]
     return lines
+
+
+def _timm_status() -> str:
+    try:
+        import timm
+    except ImportError:
+        return 'timm is not installed: pip install "deploycomp[timm]"'
+    return f"timm {timm.__version__}, {len(timm.list_models())} architectures"

@@ -12,8 +12,11 @@ def replay_channel_pruning(model, record: dict[str, Any], example_input) -> None
     """Re-apply torch-pruning's recorded history (``record["history"]``) to a fresh model."""
     import torch_pruning as tp
 
+    from deploycomp.prune.adapters import after_pruning
+
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     dg.load_pruning_history(record["history"])
+    after_pruning(model)
 
 
 @register_surgery("freeze")

@@ -37,6 +37,9 @@ def run_training(model: str | None, config, *, output: str | None = None, data: 
     if resume_path.exists() and not resume:
         raise UsageError(f"{resume_path} holds the state of an interrupted run of this command; continue it with "
                          "--resume, or delete it to start over")
+    if ds.info.synthetic:
+        console.warn(f"{op} on synthetic data: the model learns random tensors; use the result only to test the "
+                     "plumbing")
     console.info(f"training {ckpt.source or ckpt.arch} on {ds.info.name} for {config.epochs} epochs -> {out}")
     result = fit(ckpt.model, ds.train, ds.test, config, loss_fn=loss_fn, penalties=penalties,
                  resume_path=resume_path, resume=resume, keep_resume=True)

@@ -1,46 +1,89 @@
-"""Model registry: deploycomp's built-ins plus every torchvision classification model, by name.
+"""Model registry: deploycomp's built-ins, every torchvision classification model, timm, and user code.
 
 Built-ins are registered with :func:`register_model`; torchvision's classification models are added to
 the same registry the first time it is read, so ``get_model("resnet50")`` and
-``get_model("light_resnet18")`` go through one path.
+``get_model("light_resnet18")`` go through one path. Two more kinds of reference resolve to a
+:class:`ModelSpec` on demand:
+
+- ``NAMESPACE:NAME`` for a registered namespace (``timm:resnet18`` when timm is installed);
+- a user entry point, ``path/to/file.py:factory`` or ``package.module:factory`` (like a console-script
+  entry point): a callable returning an ``nn.Module``. Resolving it imports (runs) that code, so it
+  happens only for a reference the user typed; a checkpoint naming one reloads only when the user
+  names the code again (see :mod:`deploycomp.checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import re
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from deploycomp.errors import DeploycompError, UsageError, check
+from deploycomp.errors import DeploycompError, MissingDependencyError, UsageError, check
 from deploycomp.registry import Registry
+
+DEFAULT_SIZE = (224, 224)  # (H, W) of a model that declares no input size (user code)
+IO_ARGS = ("num_classes", "in_channels")  # the constructor arguments deploycomp fills from the dataset
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    builder: Callable[..., Any]  # (num_classes, in_channels, **kwargs) -> nn.Module
+    builder: Callable[..., Any]  # (num_classes, in_channels, weights, **kwargs) -> nn.Module
     input_size: tuple[int, int, int]  # (C, H, W) the architecture is designed for
     description: str = ""
-    source: str = "deploycomp"  # "deploycomp" or "torchvision"
+    source: str = "deploycomp"  # "deploycomp", "torchvision", "timm" or "user code"
     defaults: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = 10  # classes of the architecture when none are asked for
+    takes: tuple[str, ...] = IO_ARGS  # which of IO_ARGS the builder accepts (user code may take neither)
+    fills_defaults: bool = True  # False: pass num_classes/in_channels only when asked (user code)
+    code_file: str | None = None  # user code: the file it was imported from (recorded with checkpoints)
+
+    def build_kwargs(self, num_classes: int | None = None, in_channels: int | None = None,
+                     **kwargs) -> dict[str, Any]:
+        """The keyword arguments the builder gets: defaults filled, arguments it does not take dropped."""
+        io = {"num_classes": num_classes, "in_channels": in_channels}
+        if self.fills_defaults:
+            io = {"num_classes": num_classes or self.num_classes, "in_channels": in_channels or self.input_size[0]}
+        return {**{k: v for k, v in io.items() if k in self.takes and v is not None}, **kwargs}
 
 
 MODELS: Registry[ModelSpec] = Registry("model", hint="See `deploycomp info --list-models`.")
 # Far beyond any classification set (ImageNet-21k: 21,841 classes) or image (hyperspectral: hundreds of
 # bands); refusing more keeps a typo from allocating terabytes for one layer.
 MAX_CLASSES, MAX_IN_CHANNELS = 1_000_000, 10_000
+# "timm" -> fn(name) -> ModelSpec, for references spelled NAMESPACE:NAME.
+NAMESPACES: Registry[Callable[[str], ModelSpec]] = Registry("model namespace")
 _torchvision_added = False
+_resolved: dict[str, ModelSpec] = {}  # namespace and user-code references already resolved
 
 
 def register_model(name: str, *, input_size: tuple[int, int, int], description: str = "", **defaults):
     """Decorator registering a builder ``fn(num_classes, in_channels, **kwargs) -> nn.Module``."""
 
     def wrap(fn):
-        MODELS.register(name, ModelSpec(name, fn, input_size, description, "deploycomp", defaults))
+        def build(weights: str | None = None, **kwargs):
+            if weights is not None:
+                raise UsageError(f"--weights {weights!r}: {name} is a deploycomp built-in without published weights "
+                                 "(named weights are for torchvision and timm models only); give a weights file "
+                                 "(--weights FILE.pth)")
+            return fn(**kwargs)
+
+        MODELS.register(name, ModelSpec(name, build, input_size, description, "deploycomp", defaults))
         return fn
 
     return wrap
+
+
+def register_namespace(prefix: str):
+    """Decorator registering ``fn(name) -> ModelSpec`` for model references ``PREFIX:NAME``."""
+    return NAMESPACES.register(prefix)
 
 
 def _add_torchvision_models() -> None:
@@ -54,12 +97,23 @@ def _add_torchvision_models() -> None:
         if name not in MODELS:
             size = 299 if name == "inception_v3" else 224
             MODELS.register(name, ModelSpec(name, _torchvision_builder(name), (3, size, size),
-                                            "torchvision classification model", "torchvision"))
+                                            "torchvision classification model", "torchvision", num_classes=1000))
 
 
 def get_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        _add_torchvision_models()
+    """The spec of a zoo name, a ``NAMESPACE:NAME`` reference or a user entry point (imported here)."""
+    if name in MODELS:
+        return MODELS.get(name)
+    if name in _resolved:
+        return _resolved[name]
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in NAMESPACES:
+        _resolved[name] = NAMESPACES.get(prefix)(rest)
+        return _resolved[name]
+    if is_user_code(name):
+        _resolved[name] = _user_code_spec(name)
+        return _resolved[name]
+    _add_torchvision_models()
     return MODELS.get(name)
 
 
@@ -73,21 +127,204 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
                 weights: str | None = None, **kwargs):
     """Build model ``name`` with ``num_classes`` outputs for ``in_channels``-channel input.
 
-    ``weights`` names torchvision weights (``"DEFAULT"``, ``"IMAGENET1K_V2"`` or
-    ``"ResNet50_Weights.IMAGENET1K_V2"``); they are only read from torch's cache or downloaded when
-    online, and the error says where to put the file when neither works.
+    ``name`` is anything :func:`get_spec` resolves. ``weights`` names published weights (torchvision:
+    ``"DEFAULT"``, ``"IMAGENET1K_V2"`` or ``"ResNet50_Weights.IMAGENET1K_V2"``; timm: ``"DEFAULT"``);
+    they are only read from the cache or downloaded when online, and the error says what to do when
+    neither works. A model that does not end up with the classes or channels asked for is an error.
     """
     spec = get_spec(name)
-    if num_classes is None:
-        num_classes = 1000 if spec.source == "torchvision" else 10
-    in_channels = spec.input_size[0] if in_channels is None else in_channels
-    check(1 <= num_classes <= MAX_CLASSES, f"--num-classes must be in 1..{MAX_CLASSES:,}, got {num_classes}")
-    check(1 <= in_channels <= MAX_IN_CHANNELS, f"--in-channels must be in 1..{MAX_IN_CHANNELS:,}, got {in_channels}")
-    if weights is not None and spec.source != "torchvision":
-        raise UsageError(f"--weights applies to torchvision models only; {name!r} is a deploycomp built-in")
-    model = spec.builder(num_classes=num_classes, in_channels=in_channels, weights=weights,
-                         **{**spec.defaults, **kwargs})
+    check(num_classes is None or 1 <= num_classes <= MAX_CLASSES,
+          f"--num-classes must be in 1..{MAX_CLASSES:,}, got {num_classes}")
+    check(in_channels is None or 1 <= in_channels <= MAX_IN_CHANNELS,
+          f"--in-channels must be in 1..{MAX_IN_CHANNELS:,}, got {in_channels}")
+    try:
+        model = spec.builder(weights=weights, **spec.build_kwargs(num_classes, in_channels,
+                                                                  **{**spec.defaults, **kwargs}))
+    except TypeError as e:
+        if not kwargs:
+            raise
+        raise UsageError(f"{name} cannot be built with {kwargs}: {_first_line(e)}; check --model-kwargs") from None
+    _check_built(model, spec, num_classes, in_channels)
     return model
+
+
+def _check_built(model, spec: ModelSpec, num_classes: int | None, in_channels: int | None) -> None:
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec.name} returned a {type(model).__name__}, not a torch.nn.Module")
+    for what, asked, got in (("classes", num_classes, infer_num_classes(model)),
+                             ("input channels", in_channels, infer_in_channels(model))):
+        if asked is not None and got is not None and asked != got:
+            arg = "num_classes" if what == "classes" else "in_channels"
+            how = "" if arg in spec.takes else f" (its factory takes no {arg} argument)"
+            raise UsageError(f"{spec.name} builds a model with {got} {what}, not the {asked} asked for{how}; "
+                             f"pick a matching --data or --{arg.replace('_', '-')}")
+
+
+def infer_num_classes(model) -> int | None:
+    """Outputs of the last Linear layer (the classifier of most networks); None when there is none."""
+    import torch.nn as nn
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def infer_in_channels(model) -> int | None:
+    """Input channels of the first convolution; None when the model has none."""
+    import torch.nn as nn
+
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# User code: path/to/file.py:factory or package.module:factory
+
+_IDENT = r"[A-Za-z_]\w*"
+_ENTRY = re.compile(rf"^(?P<target>.+\.py|{_IDENT}(?:\.{_IDENT})*):(?P<attr>{_IDENT}(?:\.{_IDENT})*)$")
+
+
+def is_user_code(ref: str) -> bool:
+    """True for ``file.py:factory`` and ``package.module:factory`` (not for a registered namespace)."""
+    m = _ENTRY.match(ref or "")
+    return bool(m) and m.group("target") not in NAMESPACES
+
+
+def _user_code_spec(ref: str) -> ModelSpec:
+    m = _ENTRY.match(ref)
+    target, attr = m.group("target"), m.group("attr")
+    module, code_file = _import_user_module(ref, target)
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise UsageError(f"user code {ref}: {target} has no attribute {part!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise UsageError(f"user code {ref}: {attr} is a {type(factory).__name__}, not a callable returning a model")
+    takes = _accepted(factory)
+    c, hw = _declared_size(factory)
+    return ModelSpec(ref, _user_code_builder(ref, factory), (c, *hw), f"user code ({code_file or target})",
+                     "user code", takes=takes, fills_defaults=False, code_file=code_file)
+
+
+def _import_user_module(ref: str, target: str):
+    """Import ``target`` (a .py file or a module name); one-line errors when it cannot be imported."""
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"user code {ref}: {target} does not exist (paths are relative to the current "
+                             "directory)")
+        name = f"deploycomp_user_code_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            if str(path.parent) not in sys.path:  # so that the file can import its neighbours
+                sys.path.insert(0, str(path.parent))
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise UsageError(f"user code {ref}: importing {target} failed: {_first_line(e)}") from None
+        return sys.modules[name], str(path)
+    try:
+        module = importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"user code {ref}: no module named {e.name!r} (install it or put it on PYTHONPATH; "
+                         "a file is given as path/to/file.py:factory)") from None
+    except Exception as e:
+        raise UsageError(f"user code {ref}: importing {target} failed: {_first_line(e)}") from None
+    return module, getattr(module, "__file__", None)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _accepted(factory) -> tuple[str, ...]:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: pass nothing we were not asked to
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return IO_ARGS
+    return tuple(a for a in IO_ARGS if a in params)
+
+
+def _declared_size(factory) -> tuple[int, tuple[int, int]]:
+    """(C, (H, W)) from an ``input_size`` attribute of the factory ((C, H, W) or (H, W)); else 3 x 224 x 224."""
+    size = getattr(factory, "input_size", None)
+    if isinstance(size, (tuple, list)) and len(size) in (2, 3) and all(isinstance(v, int) for v in size):
+        return (size[0] if len(size) == 3 else 3), tuple(size[-2:])
+    return 3, DEFAULT_SIZE
+
+
+def _user_code_builder(ref: str, factory):
+    def build(weights: str | None = None, **kwargs):
+        if weights is not None:
+            raise UsageError(f"--weights {weights!r}: user code {ref} has no named weights; give a weights file "
+                             "(--weights FILE.pth)")
+        try:
+            return factory(**kwargs)
+        except TypeError as e:
+            raise UsageError(f"user code {ref} cannot be called with {kwargs}: {_first_line(e)}; "
+                             "check --model-kwargs") from None
+        except DeploycompError:
+            raise
+        except Exception as e:
+            raise UsageError(f"user code {ref} failed: {_first_line(e)}") from None
+
+    return build
+
+
+# --------------------------------------------------------------------------------------------------
+# timm (optional): timm:NAME
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise MissingDependencyError('timm models need timm: pip install "deploycomp[timm]"') from None
+    return timm
+
+
+@register_namespace("timm")
+def _timm_spec(name: str) -> ModelSpec:
+    timm = _import_timm()
+    if not name or not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(f"unknown timm model {name!r}{hint} List them with: python -c \"import timm; "
+                         f"print(timm.list_models('*{name.split('.')[0][:8]}*'))\"")
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = tuple(getattr(cfg, "input_size", None) or (3, *DEFAULT_SIZE))
+    return ModelSpec(f"timm:{name}", _timm_builder(name), size, f"timm {timm.__version__} model", "timm",
+                     num_classes=getattr(cfg, "num_classes", None) or 1000)
+
+
+def _timm_builder(name: str):
+    def build(num_classes: int, in_channels: int, weights: str | None = None, **kwargs):
+        timm = _import_timm()
+        check(weights in (None, "DEFAULT"), f"--weights {weights!r}: timm models take DEFAULT (timm's pretrained "
+                                            "weights) or a weights file")
+        try:
+            return timm.create_model(name, pretrained=weights == "DEFAULT", num_classes=num_classes,
+                                     in_chans=in_channels, **kwargs)
+        except TypeError as e:
+            raise UsageError(f"timm:{name} cannot be built with {kwargs}: {_first_line(e)}; "
+                             "check --model-kwargs") from None
+        except Exception as e:  # a pretrained download offline, mostly
+            if weights is None:
+                raise
+            raise DeploycompError(f"could not get timm's pretrained weights for {name} ({_first_line(e)}); "
+                                  "when offline, download them elsewhere and pass --weights FILE") from None
+
+    return build
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,7 +339,7 @@ def _torchvision_builder(name: str):
             model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         else:
             model = tvm.get_model(name, weights=_resolve_weights(name, weights), **kwargs)
-            if num_classes != _output_features(model):
+            if num_classes != infer_num_classes(model):
                 replace_classifier(model, num_classes)
         if in_channels != 3:
             adapt_input_channels(model, in_channels)
@@ -146,13 +383,6 @@ def _ensure_weights_available(weights) -> None:
             f"into {os.path.dirname(cached)} or train without --weights") from None
     finally:
         socket.setdefaulttimeout(old)
-
-
-def _output_features(model) -> int:
-    import torch.nn as nn
-
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else -1
 
 
 def _set_submodule(model, path: str, module) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +342,17 @@ def test_freeze_none_unfreezes_a_frozen_checkpoint(tmp_path):
 ])
 def test_train_cli_rejects_bad_freeze_and_stochastic_depth(cli, args, fragments):
     assert_one_line_error(cli("train", *args, *FAST, ok=False), *fragments)
+
+
+@needs_fmnist
+def test_distill_cli_defaults_to_the_shipped_baseline(cli, tmp_path):
+    """No --teacher: the shipped baseline teaches; a fresh student takes its classes and 1x28x28 input."""
+    from deploycomp.checkpoint import default_model, load_model
+
+    if not Path(default_model()).exists():
+        pytest.skip(reason=f"the shipped baseline {default_model()} is missing")
+    record = json.loads(cli("distill", "--student", "light_resnet18", "--epochs", 1, "--train-samples", 64,
+                            "--val-samples", 64, "--batch-size", 32, "-o", "kd.pt", "--json").stdout)
+    assert record["params"]["teacher"] == default_model()
+    student = load_model(str(tmp_path / "kd.pt"))
+    assert student.input_shape == (1, 28, 28) and student.num_classes == 10

@@ -34,7 +34,7 @@ CHECKPOINT_SLOTS = [
     ("train --model", ["train", "--model", "F", "--epochs", "1", "-o", "out.pt"]),
     ("prune --model", ["prune", "--model", "F", "--method", "magnitude", "--ratio", "0.1", "-o", "out.pt"]),
     ("prune --distill-from", ["prune", "--model", "light_resnet18", "--data", "synthetic", "--method", "magnitude",
-                              "--ratio", "0.1", "--distill-from", "F", "-o", "out.pt"]),
+                              "--ratio", "0.1", "--finetune-epochs", "1", "--distill-from", "F", "-o", "out.pt"]),
     ("distill --teacher", ["distill", "--teacher", "F", "--student", "light_resnet18", "-o", "out.pt"]),
     ("distill --student", ["distill", "--teacher", str(BASELINE), "--student", "F", "-o", "out.pt"]),
     ("bench (checkpoint)", ["bench", "F", "--iters", "1"]),

@@ -52,6 +52,8 @@ def value_for(param: click.Parameter, paths: list[str]) -> st.SearchStrategy[str
     return st.one_of(st.sampled_from(paths), st.sampled_from(WORDS), st.sampled_from(WORDS), SAFE_TEXT)
 
 
+# -v/--verbose shows the traceback of an error by design (for bug reports): not swept.
+SHOWS_TRACEBACKS = {"verbose"}
 WORDS = ["light_resnet18", "resnet18", "synthetic", "fashion-mnist", "cpu", "cuda:7", "8x8", "0x0", "1,2", "224x",
          "-", "magnitude", "taylor", "int8", "stem,layer1", "none", "64", "0", "512M", "out.onnx", "out.pt", "run"]
 
@@ -61,6 +63,8 @@ def arguments(name: str, paths: list[str]) -> st.SearchStrategy[list[str]]:
     command = cli.get_command(click.Context(cli), name)
     pieces = []
     for p in command.params:
+        if p.name in SHOWS_TRACEBACKS:
+            continue
         if isinstance(p, click.Argument):
             one = st.lists(value_for(p, paths), min_size=1, max_size=1)
             pieces.append(one if p.required else one | st.just([]))

@@ -19,6 +19,7 @@ from deploycomp.prune import PruneConfig, prune_channels, prune_checkpoint
 from deploycomp.prune import calibrate as cal
 from deploycomp.prune.criteria import CRITERIA, CriterionOptions, get_criterion, interleave
 from deploycomp.prune.depth import block_sensitivity, removable_blocks
+from deploycomp.train import TrainConfig
 from tests.conftest import assert_one_line_error
 
 
@@ -463,3 +464,58 @@ def test_cli_errors_one_line_nothing_written(cli, tiny_checkpoint, tmp_path, arg
     r = cli("prune", "-m", tiny_checkpoint, *args, "--eval-samples", 16, ok=False)
     assert_one_line_error(r, *fragments)
     assert not list(tmp_path.glob("*pruned*"))
+
+
+# -- data-free pruning: synthetic data teaches nothing --------------------------------------------
+
+
+def test_synthetic_data_recalibrates_and_warns_only_where_it_must(light, capsys):
+    """On synthetic data BatchNorm keeps its statistics; only data-driven criteria warn about calibrating."""
+    from deploycomp.prune.criteria import CRITERIA
+
+    ckpt = fresh(light)
+    bn = ckpt.model.bn1
+    bn.running_mean.fill_(0.25)
+    pruned, record = prune_checkpoint(ckpt, synthetic(), quick("magnitude", eval_samples=None))
+    assert record["params"]["recalibrate_bn"] is False and record["accuracy"]["before"] is None
+    assert "calibrating" not in capsys.readouterr().err
+    kept = pruned.model.bn1.running_mean
+    assert torch.all(kept == 0.25)  # the surviving channels keep the model's own statistics
+    for name in ("random", "taylor"):
+        prune_checkpoint(fresh(light), synthetic(), quick(name, eval_samples=None))
+        warned = "calibrating" in capsys.readouterr().err
+        assert warned == CRITERIA.get(name).needs_data, name
+    with pytest.raises(UsageError, match="--recalibrate-bn re-estimates BatchNorm statistics"):
+        prune_checkpoint(fresh(light), synthetic(), quick("magnitude", recalibrate_bn=True))
+    ft = quick("magnitude", finetune=TrainConfig(epochs=1, train_samples=16, batch_size=8),
+               finetune_on_synthetic=False)
+    _, record = prune_checkpoint(fresh(light), synthetic(), ft)
+    assert record["params"]["finetune"] is None and record["seconds"]["finetuning"] == 0
+    with pytest.raises(UsageError, match="--distill-from distils while fine-tuning"):  # it would be ignored
+        prune_checkpoint(fresh(light), synthetic(), quick("magnitude", finetune=ft.finetune, distill_from="x.pt",
+                                                          finetune_on_synthetic=False))
+
+
+def test_cli_data_free_pruning_of_a_torchvision_model(cli, tmp_path):
+    """The TS3 command at a small input size: 1000 classes, synthetic data shaped like the model, no training."""
+    r = cli("prune", "--model", "resnet18", "--num-classes", "1000", "--input-size", "64", "--data", "synthetic",
+            "--method", "magnitude", "--ratio", "0.1", "--round-to", "1", "-o", "r18.pt", "--json")
+    record = json.loads(r.stdout)
+    assert record["synthetic"] and record["params"]["finetune"] is None and not record["params"]["recalibrate_bn"]
+    assert record["accuracy"] == {"before": None, "after_pruning": None, "after_finetuning": None}
+    assert "calibrating" not in r.stderr and "no fine-tuning" in r.stderr
+    assert 17 < record["macs_reduction_pct"] < 21  # about 1 - 0.9^2
+    info = json.loads(cli("info", "-m", "r18.pt", "--json").stdout)
+    assert info["input_shape"] == [3, 64, 64] and info["params_total"] == record["after"]["params_total"]
+    ckpt = load_model(str(tmp_path / "r18.pt"))
+    assert ckpt.num_classes == 1000 and ckpt.model.fc.out_features == 1000
+
+
+def test_cli_reproduces_ts3_resnet50(cli):
+    """TS3: ResNet-50, 10 % layer-wise magnitude, exact counts: 4.12 -> 3.334 G MACs, 97.8 -> 79.8 MiB."""
+    cli("prune", "--model", "resnet50", "--num-classes", "1000", "--input-size", "224", "--data", "synthetic",
+        "--method", "magnitude", "--ratio", "0.1", "--round-to", "1", "--finetune-epochs", "0", "-q")
+    info = json.loads(cli("info", "-m", "resnet50-pruned-magnitude.pt", "--json").stdout)
+    assert info["params_total"] == 20_837_770  # benchmarks/results/prune_resnet50_ts3.md, round_to 1
+    assert info["macs_g"] == pytest.approx(3.334, abs=5e-4)
+    assert info["weights_size_mib"] == pytest.approx(79.76, abs=0.01)

@@ -74,5 +74,5 @@ def test_unknown_names():
     assert e.value.closest == "light_resnet18"
     with pytest.raises(UsageError, match="valid: DEFAULT, IMAGENET1K_V1"):
         build_model("resnet18", weights="NOPE")
-    with pytest.raises(UsageError, match="torchvision models only"):
+    with pytest.raises(UsageError, match="without published weights"):
         build_model("light_resnet18", weights="DEFAULT")

@@ -13,6 +13,7 @@ import traceback
 import click
 
 from deploycomp import __version__
+from deploycomp.cli.options import verbosity_options
 
 # command name -> "module:function"; the module is imported on first use.
 COMMANDS = {
@@ -38,11 +39,19 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx, name):
+        from deploycomp.cli.options import add_verbosity_options
+
         target = COMMANDS.get(name)
         if target is None:
             return None
         module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        return add_verbosity_options(getattr(importlib.import_module(module), attr))
+
+    def parse_args(self, ctx, args):
+        from deploycomp import console
+
+        console.set_verbosity(console.NORMAL)  # each invocation starts normal; -v/-q (before or after) change it
+        return super().parse_args(ctx, args)
 
     def resolve_command(self, ctx, args):
         name = args[0] if args else None
@@ -94,16 +103,13 @@ def _fail(error, cause: BaseException):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="deploycomp")
-@click.option("-v", "--verbose", is_flag=True, help="More output; show tracebacks of errors.")
-@click.option("-q", "--quiet", is_flag=True, help="Only results and warnings; no progress.")
-def cli(verbose: bool, quiet: bool) -> None:
+@verbosity_options
+def cli() -> None:
     """Prune, distill, export, quantize and benchmark CNNs for deployment.
 
     Every command works on the shipped Fashion-MNIST baseline when no --model is given.
+    -v/-q work before or after the command name.
     """
-    from deploycomp import console
-
-    console.set_verbosity(console.VERBOSE if verbose else console.QUIET if quiet else console.NORMAL)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from deploycomp.cli.options import device_option, pass_options
+from deploycomp.cli.options import device_option, input_size_option, pass_options
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -54,7 +54,7 @@ def _batches(text: str) -> tuple[int, ...]:
               help="Replay a captured CUDA graph: torch on CUDA, or the ORT CUDA EP (enable_cuda_graph).")
 @click.option("--memory", is_flag=True,
               help="Measure memory (peak RSS, torch/TensorRT/NVML GPU memory); each run in a fresh process.")
-@click.option("--input-size", default=None, metavar="HxW", help="Input size for zoo models and checkpoints.")
+@input_size_option
 @click.option("--json", "json_file", default=None, metavar="FILE", help="Write results as JSON ('-': stdout).")
 @click.option("--csv", "csv_file", default=None, metavar="FILE", help="Write results as CSV ('-': stdout).")
 @pass_options
@@ -72,7 +72,6 @@ def bench(opts: dict) -> None:
     from deploycomp.bench import BenchConfig, benchmark, describe_environment, tables, write_csv, write_json
     from deploycomp.bench.conditions import parse_cpu_list
     from deploycomp.files import check_output
-    from deploycomp.info import parse_size
 
     for out in (opts["json_file"], opts["csv_file"]):
         if out not in (None, "-"):
@@ -82,7 +81,7 @@ def bench(opts: dict) -> None:
                          batches=_batches(opts["batch"]), warmup=opts["warmup"], warmup_ms=opts["warmup_ms"],
                          iters=opts["iters"], duration_s=opts["duration_s"], threads=opts["threads"], io=opts["io"],
                          cuda_graph=opts["cuda_graph"], memory=opts["memory"],
-                         input_size=parse_size(opts["input_size"]), rounds=opts["rounds"], budget_s=opts["budget_s"],
+                         input_size=opts["input_size"], rounds=opts["rounds"], budget_s=opts["budget_s"],
                          margin_pct=opts["margin_pct"],
                          pin_cores=tuple(parse_cpu_list(opts["pin_cores"])) if opts["pin_cores"] else None)
     config.validate()  # every option checked before anything is loaded

@@ -30,7 +30,6 @@ from deploycomp.cli.options import (
 @click.option("--min-batch", type=int, default=None, callback=positive_int("--min-batch"), help="Default: 1.")
 @click.option("--opt-batch", type=int, default=None, callback=positive_int("--opt-batch"), help="Default: 8.")
 @click.option("--max-batch", type=int, default=None, callback=positive_int("--max-batch"), help="Default: 32.")
-@click.option("--input-size", default=None, metavar="HxW", help="Input height x width. Default: the model's.")
 @click.option("--opset", type=int, default=None, help="ONNX opset. Default: 17.")
 @click.option("--workspace", default=None, metavar="SIZE", help="Workspace limit in the trtexec commands, e.g. 1G.")
 @int8_calibration_options("INT8 variant")
@@ -53,13 +52,11 @@ def bundle(opts: dict) -> None:
     from deploycomp import console
     from deploycomp.bundle import make_bundle
     from deploycomp.export import resolve_exporter
-    from deploycomp.info import parse_size
     from deploycomp.inputs import load_inputs
 
     resolve_exporter(None, opts["opset"])  # a bad --opset fails before the model is loaded
-    size = parse_size(opts["input_size"])
     ckpt, data = load_inputs(opts["model"], data=opts["data"], data_dir=opts["data_dir"], need_train=False,
-                             input_size=size, **model_kwargs(opts))
+                             **model_kwargs(opts))
     manifest = make_bundle(ckpt, opts["output"], target=opts["target"],
                            precisions=opts["precisions"] or ("fp32", "fp16", "int8"), batch=opts["batch"],
                            min_batch=opts["min_batch"], opt_batch=opts["opt_batch"], max_batch=opts["max_batch"],

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import click
 
-from deploycomp.cli.options import data_options, device_option, json_option, pass_options, print_json
+from deploycomp.cli.options import (
+    data_options,
+    device_option,
+    input_size_option,
+    json_option,
+    pass_options,
+    print_json,
+)
 from deploycomp.cli.train import train_config, train_options
 
 
 # The KD report's setting (Adam, lr 1e-3, batch 128) instead of train's SGD; lr stays "the optimizer's default".
 @click.command(context_settings={"default_map": {"optimizer": "adam"}})
-@click.option("--teacher", required=True, metavar="NAME|PATH", help="Teacher: a trained checkpoint (or a zoo name).")
+@click.option("--teacher", default=None, metavar="NAME|PATH",
+              help="Teacher: a trained checkpoint (or a zoo name). Default: the shipped Fashion-MNIST baseline.")
 @click.option("--student", required=True, metavar="NAME|PATH",
               help="Student: a zoo name (light_resnet18, resnet18, ...) or a checkpoint, e.g. a pruned model.")
 @click.option("--temperature", "-T", type=float, default=2.0, show_default=True,
@@ -24,7 +32,9 @@ from deploycomp.cli.train import train_config, train_options
 @train_options
 @click.option("--in-channels", type=int, default=None,
               help="Input channels of a fresh zoo student (default: the dataset's).")
-@click.option("--weights", default=None, metavar="NAME", help="torchvision weights for a fresh zoo student.")
+@click.option("--weights", default=None, metavar="FILE|NAME",
+              help="Weights of a fresh student: a state-dict file, or published weights by name (torchvision, timm).")
+@input_size_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint to write. Default: <student>-distilled.pt in the current directory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command from its .resume.pt.")
@@ -37,12 +47,13 @@ def distill(opts: dict) -> None:
     classes. The checkpoint's lineage records the teacher, T, alpha, lambda and the training options.
 
     \b
-    Example (the KD report's light student):
+    Examples (the KD report's light student; the first distils from the shipped baseline):
+      deploycomp distill --student light_resnet18 --epochs 10 -o light_kd.pt
       deploycomp distill --teacher resnet18_fmnist.pt --student light_resnet18 --epochs 10 -o light_kd.pt
     """
     from deploycomp.distill import run_distillation
 
-    student_options = {k: opts[k] for k in ("in_channels", "weights") if opts[k] is not None}
+    student_options = {k: opts[k] for k in ("in_channels", "weights", "input_size") if opts[k] is not None}
     record = run_distillation(opts["teacher"], opts["student"], train_config(opts), temperature=opts["temperature"],
                               alpha=opts["alpha"], lam=opts["lam"], output=opts["output"], data=opts["data"],
                               data_dir=opts["data_dir"], resume=opts["resume"], **student_options)

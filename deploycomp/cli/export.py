@@ -24,7 +24,6 @@ from deploycomp.cli.options import (
 @click.option("--batch", type=int, default=None, callback=positive_int("--batch"),
               help="Fixed batch size of the exported input. Default: 1.")
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis dynamic (any batch size at run time).")
-@click.option("--input-size", default=None, metavar="HxW", help="Input height x width. Default: the model's.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True, help="Simplify the graph with onnxslim.")
 @click.option("--atol", type=float, default=None,
               help="Parity passes when max |ONNX Runtime - PyTorch| <= atol + rtol * max |logit|. Default: 1e-4.")
@@ -51,15 +50,13 @@ def export(opts: dict) -> None:
     from deploycomp import console
     from deploycomp.errors import check
     from deploycomp.export import check_tolerances, export_onnx, resolve_exporter
-    from deploycomp.info import parse_size
     from deploycomp.inputs import load_inputs
 
     check(not (opts["dynamic_batch"] and opts["batch"]), "--batch and --dynamic-batch exclude each other")
     resolve_exporter(opts["exporter"], opts["opset"])  # a bad --opset fails before the model is loaded
     check_tolerances(opts["atol"], opts["rtol"])
-    size = parse_size(opts["input_size"])
     ckpt, data = load_inputs(opts["model"], data=opts["data"], data_dir=opts["data_dir"], need_train=False,
-                             input_size=size, **model_kwargs(opts))
+                             **model_kwargs(opts))
     output = Path(opts["output"] or f"{ckpt.name}.onnx")
     record = export_onnx(ckpt, output, opset=opts["opset"], batch=opts["batch"] or 1,
                          dynamic_batch=opts["dynamic_batch"], simplify=opts["simplify"], data=data.info.name,

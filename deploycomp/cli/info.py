@@ -9,7 +9,6 @@ from deploycomp.cli.options import json_option, model_kwargs, model_options, pas
 
 @click.command()
 @model_options
-@click.option("--input-size", default=None, metavar="HxW", help="Input size for a fresh zoo model (default: its own).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size for the memory estimate.")
 @click.option("--layers", is_flag=True, help="Also list every convolution/linear layer with its channels.")
 @click.option("--list-models", is_flag=True, help="List the model names the zoo knows and exit.")
@@ -28,7 +27,7 @@ def info(opts: dict) -> None:
         for line in list_registered(models=opts["list_models"], datasets=opts["list_datasets"]):
             console.result(line)
         return
-    report = describe(opts["model"], input_size=opts["input_size"], batch=opts["batch"], **model_kwargs(opts))
+    report = describe(opts["model"], batch=opts["batch"], **model_kwargs(opts))
     if opts["as_json"]:
         print_json(report)
         return
@@ -64,4 +63,6 @@ def _short(value) -> str:
         test = value.get("test", value)
         if isinstance(test, dict) and "top1_pct" in test:
             return f"test top-1 {test['top1_pct']:.2f}%"
+        if "test" in value and test is None:
+            return "test accuracy not measured"
     return str(value)

@@ -87,10 +87,11 @@ def finetune_options(fn):
               help="coverage: a channel is covered when its scaled activation exceeds this.")
 @click.option("--ignore", multiple=True, metavar="LAYER",
               help="Never prune this layer's output channels (repeatable); the classifier never is.")
-@click.option("--recalibrate-bn/--no-recalibrate-bn", default=True, show_default=True,
-              help="Re-estimate BatchNorm statistics on the calibration images right after pruning (adaptive BN).")
-@click.option("--finetune-epochs", type=int, default=1, show_default=True,
-              help="Fine-tuning epochs after pruning; 0: none.")
+@click.option("--recalibrate-bn/--no-recalibrate-bn", default=None,
+              help="Re-estimate BatchNorm statistics on the calibration images right after pruning (adaptive BN). "
+                   "Default: on, except on synthetic data (where it is refused).")
+@click.option("--finetune-epochs", type=int, default=None,
+              help="Fine-tuning epochs after pruning; 0: none. Default: 1, except on synthetic data (0).")
 @finetune_options
 @click.option("--distill-from", default=None, metavar="TEACHER",
               help="Fine-tune with knowledge distillation from this checkpoint (e.g. the unpruned model).")
@@ -114,17 +115,22 @@ def prune(opts: dict) -> None:
       deploycomp prune --method wanda --target-speedup 2 --calib-samples 1024 --finetune-epochs 3
       deploycomp prune --method taylor --target-speedup 2 --measured          # 2x faster on ONNX Runtime CPU
       deploycomp prune --model resnet50 --method magnitude --target-latency-ms 40 --latency-threads 2
-      deploycomp prune --model resnet50 --method magnitude --ratio 0.1 --round-to 1 --finetune-epochs 0
+      deploycomp prune --model resnet50 --num-classes 1000 --input-size 224 --data synthetic \\
+          --method magnitude --ratio 0.1 --round-to 1        (data-free: no dataset needed)
+      deploycomp prune --model my_net.py:build --weights my_net.pth --data synthetic --input-size 64 \\
+          --method magnitude --ratio 0.3
     """
     from deploycomp.prune import PruneConfig, finetune_config, run_prune
 
-    ft = train_config({**opts, "epochs": max(opts["finetune_epochs"], 1)})
-    ft = finetune_config(opts["finetune_epochs"], **{k: v for k, v in vars(ft).items() if k != "epochs"})
+    epochs = opts["finetune_epochs"]
+    ft = train_config({**opts, "epochs": max(epochs or 1, 1)})
+    ft = finetune_config(1 if epochs is None else epochs, **{k: v for k, v in vars(ft).items() if k != "epochs"})
     keys = ("method", "ratio", "target_macs_g", "target_speedup", "target_latency_ms", "measured",
             *(k for k in opts if k.startswith("latency_")), "global_pruning", "steps", "round_to",
             "calib_samples", "calib_batch", "norm", "coverage_threshold", "distill_from", "temperature", "alpha",
             "lam", "eval_samples", "seed", "device", "recalibrate_bn")
-    config = PruneConfig(**{k: opts[k] for k in keys}, ignore=tuple(opts["ignore"]), finetune=ft)
+    config = PruneConfig(**{k: opts[k] for k in keys}, ignore=tuple(opts["ignore"]), finetune=ft,
+                         finetune_on_synthetic=epochs is not None)
     record = run_prune(opts["model"], config, output=opts["output"], data=opts["data"], data_dir=opts["data_dir"],
                        **model_kwargs(opts))
     if opts["as_json"]:
@@ -163,7 +169,7 @@ def summary(record: dict) -> None:
         ("time: fine-tuning (s)", f"{sec['finetuning']:.1f}", ""),
     ]
     rows += latency_rows(record.get("latency"))
-    synthetic = " (synthetic data: accuracies mean nothing)" if record["synthetic"] else ""
+    synthetic = " (synthetic data: no accuracy, nothing learnt from it)" if record["synthetic"] else ""
     console.table(f"prune --method {record['method']}: {record['model']} -> {record.get('output', '-')}{synthetic}",
                   ["", "value", "note"], rows)
 

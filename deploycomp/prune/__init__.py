@@ -26,6 +26,12 @@ its channels, say) falls to chance until fine-tuned, because every BatchNorm sti
 statistics of the unpruned inputs (benchmarks/results/prune_criteria_baseline_no_bn.md). Weights,
 channel order and the classifier are untouched by it.
 
+On synthetic data nothing may learn from the noise: BatchNorm re-estimation is off by default (asking
+for it is an error, since it would replace a trained model's statistics with those of random tensors),
+the CLI fine-tunes only when asked (``finetune_on_synthetic``), and accuracy is measured only when
+``eval_samples`` asks for it. Data-free criteria (those whose ``needs_data`` is false: magnitude,
+random, slimming) then prune any model with no dataset at all.
+
 Depth pruning (``method="depth"``) drops whole residual blocks instead: ``ratio`` is the fraction of
 the removable blocks (identity shortcut), chosen by the smallest calibration-loss rise when skipped.
 
@@ -80,13 +86,14 @@ class PruneConfig:
     norm: str = "l1"  # magnitude/hybrid weight norm: l1 or l2
     coverage_threshold: float = 0.25  # coverage: scaled activation above which a channel counts as covered
     ignore: tuple[str, ...] = ()  # module names whose output channels are kept (the classifier always is)
-    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration images after pruning
+    recalibrate_bn: bool | None = None  # re-estimate BatchNorm statistics after pruning (None: unless synthetic)
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=1))  # None: no fine-tuning
+    finetune_on_synthetic: bool = True  # False: skip the fine-tuning when the data is synthetic (the CLI's default)
     distill_from: str | None = None  # teacher checkpoint (or zoo name): fine-tune with knowledge distillation
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft-target (KL) term
     lam: float = 0.5  # weight of the cross-entropy term
-    eval_samples: int | None = None  # evaluate on a deterministic subset of the test split (None: all)
+    eval_samples: int | None = None  # evaluate on a deterministic subset of the test split (None: all; synthetic: none)
     eval_batch: int = 256
     seed: int = 0  # calibration subset and random criterion
     device: str | None = None  # calibration, evaluation and fine-tuning (pruning itself runs on CPU)
@@ -184,8 +191,8 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     from deploycomp.prune.criteria import CriterionOptions, get_criterion
     from deploycomp.train import evaluate, resolve_device
 
-    cfg = config
-    cfg.validate()
+    config.validate()
+    cfg = _for_data(config, data.info)
     check(not ckpt.trusted_pickle, "a pickled module cannot be pruned into a safe checkpoint; load its state dict "
                                    "with --arch NAME instead")
     device = resolve_device(cfg.device)
@@ -198,7 +205,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     if criterion.needs_data or cfg.recalibrate_bn:
         calib_set = data.train if data.train is not None else data.test
         batches = calibration_batches(calib_set, cfg.calib_samples, cfg.calib_batch, cfg.seed)
-        if data.info.synthetic:
+        if data.info.synthetic and criterion.needs_data:
             console.warn(f"calibrating {cfg.method} on synthetic data: its channel ranking means little")
     criterion.check(ckpt)
 
@@ -211,7 +218,9 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     strategy = _strategy(criterion, cfg)
     seconds = {"calibration": 0.0, "pruning": 0.0, "finetuning": 0.0}
 
-    def evaluate_now(what: str) -> dict[str, float]:
+    def evaluate_now(what: str) -> dict[str, float] | None:
+        if data.info.synthetic and cfg.eval_samples is None:
+            return None  # accuracy on random tensors means nothing: measured only when asked for
         return evaluate(model, data.test, cfg.eval_batch, device, samples=cfg.eval_samples, description=what)
 
     steps_done: list[dict[str, Any]] = []
@@ -227,7 +236,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
             strategy.plan(ctx)  # may refuse an unreachable target: before anything else is spent
             seconds["pruning"] += time.perf_counter() - t
             acc_before = evaluate_now("eval (before)")
-            console.info(f"before pruning: top-1 {acc_before['top1_pct']:.2f}%, {before['macs'] / 1e9:.3f} G MACs")
+            console.info(f"before pruning: {_top1(acc_before)}, {before['macs'] / 1e9:.3f} G MACs")
             t = time.perf_counter()
         with console.status_line(f"pruning ({cfg.method}, step {step + 1}/{cfg.steps})"):
             done = strategy.step(ctx, step)
@@ -241,7 +250,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
         with _one_thread():
             done["macs"] = count_macs(model, example)
         console.info(f"step {step + 1}/{cfg.steps}: {done['macs'] / 1e9:.3f} G MACs, "
-                     f"top-1 {done['after_pruning']['top1_pct']:.2f}% right after pruning")
+                     f"{_top1(done['after_pruning'])} right after pruning")
         epochs = _epochs_for_step(cfg.finetune_epochs, cfg.steps, step)
         if epochs:
             t = time.perf_counter()
@@ -282,6 +291,29 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
                        removed_blocks=record["removed_blocks"])
     pruned.metadata["metrics"] = {"test": final, "macs_g": after["macs_g"], "params_total": after["params_total"]}
     return pruned, record
+
+
+def _for_data(cfg: PruneConfig, info) -> PruneConfig:
+    """``cfg`` with the defaults that depend on the data resolved: nothing learns from synthetic data."""
+    if info.synthetic:
+        check(not cfg.recalibrate_bn, "--recalibrate-bn re-estimates BatchNorm statistics on the data; on synthetic "
+                                      "data it would replace the model's statistics with those of random tensors: "
+                                      "drop it, or prune on real --data")
+        if cfg.finetune is not None and not cfg.finetune_on_synthetic:
+            check(cfg.distill_from is None, "--distill-from distils while fine-tuning, and on synthetic data "
+                                            "nothing is fine-tuned unless --finetune-epochs N asks for it: drop "
+                                            "--distill-from, or prune on real --data")
+            console.info("synthetic data: no fine-tuning (give --finetune-epochs N to fine-tune on it anyway)")
+            cfg = dataclasses.replace(cfg, finetune=None)
+        elif cfg.finetune is not None:
+            console.warn("fine-tuning on synthetic data: the model learns random tensors; use the result only to "
+                         "test the plumbing")
+    return dataclasses.replace(cfg, recalibrate_bn=not info.synthetic if cfg.recalibrate_bn is None
+                               else cfg.recalibrate_bn)
+
+
+def _top1(acc: dict[str, float] | None) -> str:
+    return f"top-1 {acc['top1_pct']:.2f}%" if acc else "accuracy not measured (synthetic data)"
 
 
 def run_prune(model: str | None, config: PruneConfig, *, output: str | None = None, data: str | None = None,
@@ -490,13 +522,17 @@ def prune_channels(model, example_input, criterion, ratio: float, *, global_prun
     already be calibrated), no search, no fine-tuning. ``ignore`` names modules whose outputs are kept;
     the classifier always is.
     """
+    from deploycomp.prune import adapters
+
     criterion.reset()
     ignored = _ignored_layers(model, ignore)
     with _one_thread():
         pruner = _tp_pruner_class()(
             model, example_input, criterion, pruning_ratio=ratio, global_pruning=global_pruning,
-            ignored_layers=[model.get_submodule(n) for n in ignored], round_to=round_to if round_to > 1 else None)
+            ignored_layers=[model.get_submodule(n) for n in ignored], round_to=round_to if round_to > 1 else None,
+            **adapters.pruner_kwargs(model))
         pruner.step()
+    adapters.after_pruning(model)
     return pruner.pruning_history()
 
 
