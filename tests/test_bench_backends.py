@@ -105,6 +105,21 @@ def test_ort_cpu_sane_on_tiny_model(tiny_model, tiny_onnx):
     assert 0.1 < ort_r["latency_ms"]["median"] / direct < 10, (ort_r["latency_ms"]["median"], direct)
 
 
+def test_ort_sessions_timed_in_alternation_stop_spinning_after_each_run(tiny_onnx, tmp_path):
+    """Several multi-threaded ORT sessions: spinning stops at the end of each run (it would slow the next one)."""
+    import shutil
+
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(tiny_onnx, copy)
+    fast = {**FAST, "threads": 2, "iters": 10}
+    alone = benchmark([str(tiny_onnx)], BenchConfig(device="cpu", **fast))
+    assert alone[0]["extra"]["ort_spinning"] == "ORT default"
+    pair = benchmark([str(tiny_onnx), str(copy)], BenchConfig(device="cpu", **fast))
+    assert [r["extra"]["ort_spinning"] for r in pair] == ["stopped after each run"] * 2
+    one_thread = benchmark([str(tiny_onnx), str(copy)], BenchConfig(device="cpu", **{**fast, "threads": 1}))
+    assert [r["extra"]["ort_spinning"] for r in one_thread] == ["ORT default"] * 2  # nothing spins with 1 thread
+
+
 def test_ort_io_binding_output_is_the_model_output(tiny_model, tiny_onnx):
     import torch
 

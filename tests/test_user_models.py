@@ -155,6 +155,9 @@ def test_cli_user_model_prune_export_roundtrip(cli, net_file, tmp_path):
     assert_one_line_error(cli("export", "-m", "p.pt", "-o", "p.onnx", ok=False), f"--arch {entry}")
     out = cli("export", "-m", "p.pt", "--arch", entry, "-o", "p.onnx", "--json").stdout
     assert json.loads(out)["parity"]["passed"] and (tmp_path / "p.onnx").exists()
+    assert_one_line_error(cli("bench", "p.pt", "--iters", "2", ok=False), f"--arch {entry}")
+    bench = json.loads(cli("bench", "p.pt", "--arch", entry, "--iters", "2", "--warmup", "1", "--json", "-").stdout)
+    assert bench["results"][0]["params_total"] == record["after"]["params_total"]
 
 
 def test_timm_namespace():

@@ -47,6 +47,7 @@ class BenchConfig:
     budget_s: float | None = None  # no new round once the timed rounds took this long (per batch size)
     margin_pct: float | None = None  # speed-ups within this of 1 are "same" (default 2 %)
     pin_cores: tuple[int, ...] | None = None  # run on these CPUs only (Linux affinity)
+    arch: str | None = None  # torch backends: architecture / user code entry point of a checkpoint that needs it
     threads: int | None = None  # intra-op threads of torch / ONNX Runtime (None: library default)
     io: str = "device"  # device: inputs already on the device; host: also time H2D/D2H copies separately
     cuda_graph: bool = False  # torch on CUDA: replay a captured CUDA graph
@@ -83,7 +84,7 @@ class BenchConfig:
         from deploycomp.bench.backends import RunnerOptions
 
         return RunnerOptions(self.device, self.provider, self.threads, self.cuda_graph,
-                             tuple(self.input_size) if self.input_size else None, self.seed)
+                             tuple(self.input_size) if self.input_size else None, self.seed, self.arch)
 
 
 def plan(artifacts: Sequence[str], backend: str = "auto") -> list[tuple[str, str]]:
@@ -176,6 +177,7 @@ def run_job(job: dict[str, Any], measure_memory: bool = False) -> dict[str, Any]
     with pin_cores(list(cfg.pin_cores) if cfg.pin_cores else None), contextlib.ExitStack() as stack:
         if cfg.pin_cores and options.threads is None:
             options.threads = len(cfg.pin_cores)  # one intra-op thread per pinned core
+        options.interleaved = len(pairs) > 1
         runners = [stack.enter_context(get_backend(backend)(artifact, options)) for artifact, backend in pairs]
         for batch in cfg.batches:
             what = runners[0].describe().get("label") if len(runners) == 1 else f"{len(runners)} models"
@@ -248,7 +250,8 @@ def _record(artifact, desc, cfg: BenchConfig, batch, timing, stats, mem, environ
         "conditions": conditions,
         "warnings": stats["warnings"],
         "environment": environment,
-        "extra": {k: v for k, v in desc.items() if k in ("execution_providers", "compile_mode", "tensorrt_version")},
+        "extra": {k: v for k, v in desc.items()
+                  if k in ("execution_providers", "compile_mode", "tensorrt_version", "ort_spinning")},
     }
 
 

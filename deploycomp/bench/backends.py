@@ -68,6 +68,8 @@ class RunnerOptions:
     cuda_graph: bool = False  # torch on CUDA: capture the forward pass in a CUDA graph
     input_size: tuple[int, int] | None = None  # (H, W) for torch models whose size is not fixed by the file
     seed: int = 0
+    arch: str | None = None  # torch: the architecture (or user code entry point) a checkpoint needs to rebuild
+    interleaved: bool = False  # other runners are loaded in this process and timed in alternation with this one
 
 
 def cuda_available() -> bool:
@@ -189,7 +191,7 @@ class TorchRunner(Runner):
         # Another torch runner may already be active (interleaved comparisons load every artifact first)
         # and have inference mode on; replaying a pruning history needs autograd, so load outside it.
         with torch.inference_mode(False), torch.enable_grad():
-            ckpt = load_model(self.artifact, input_size=self.options.input_size)
+            ckpt = load_model(self.artifact, input_size=self.options.input_size, arch=self.options.arch)
         shape = tuple(ckpt.input_shape)
         if self.options.input_size and ckpt.source:  # a checkpoint keeps its channels, takes the new size
             shape = (shape[0], *self.options.input_size)
@@ -351,6 +353,15 @@ class OrtRunner(Runner):
         if self.options.threads:
             so.intra_op_num_threads = self.options.threads
             so.inter_op_num_threads = 1
+        stop_spinning = self.options.interleaved and self.options.threads != 1 and self.ort_device == "cpu"
+        if stop_spinning:
+            # Each session has its own thread pool, whose workers spin for a while after a run. Timed in
+            # alternation, the spinning workers of the session timed a moment ago compete with the one timed
+            # now: on 2 idle cores this inflated a paired speed-up by 9 % (1.64x against 1.51x for the two
+            # models timed alone, each in its own process). Stopping the spinning at the end of each run
+            # (ORT's session.force_spinning_stop) keeps it within a run and gave 1.50x, with the same
+            # absolute latencies as alone (docs/bench-schema.md, "How comparisons are made").
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         check(not self.options.cuda_graph or self.ort_device == "cuda",
               "--cuda-graph with ONNX Runtime needs --provider cuda (it sets the CUDA EP's enable_cuda_graph)")
         cuda_opts: dict[str, Any] = {"device_id": self.device_id}
@@ -393,7 +404,8 @@ class OrtRunner(Runner):
         self.info = {"label": side.get("label") or Path(self.artifact).stem, "arch": side.get("arch"),
                      "input_shape": list(self.input_shape), "precision": precision, "provider": provider,
                      "execution_providers": active, "macs": side.get("macs"),
-                     "params_total": side.get("params_total"), "threads": threads}
+                     "params_total": side.get("params_total"), "threads": threads,
+                     "ort_spinning": "stopped after each run" if stop_spinning else "ORT default"}
 
     def deactivate(self) -> None:
         self.session = self.binding = self.x_ort = self.outputs = None

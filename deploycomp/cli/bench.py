@@ -55,6 +55,9 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--memory", is_flag=True,
               help="Measure memory (peak RSS, torch/TensorRT/NVML GPU memory); each run in a fresh process.")
 @input_size_option
+@click.option("--arch", default=None, metavar="NAME|FILE.py:FN",
+              help="Architecture of a plain state dict, or the user code a checkpoint made from it needs "
+                   "(named again on purpose: loading it runs that code).")
 @click.option("--json", "json_file", default=None, metavar="FILE", help="Write results as JSON ('-': stdout).")
 @click.option("--csv", "csv_file", default=None, metavar="FILE", help="Write results as CSV ('-': stdout).")
 @pass_options
@@ -83,7 +86,8 @@ def bench(opts: dict) -> None:
                          cuda_graph=opts["cuda_graph"], memory=opts["memory"],
                          input_size=opts["input_size"], rounds=opts["rounds"], budget_s=opts["budget_s"],
                          margin_pct=opts["margin_pct"],
-                         pin_cores=tuple(parse_cpu_list(opts["pin_cores"])) if opts["pin_cores"] else None)
+                         pin_cores=tuple(parse_cpu_list(opts["pin_cores"])) if opts["pin_cores"] else None,
+                         arch=opts["arch"])
     config.validate()  # every option checked before anything is loaded
     results = benchmark(list(opts["artifacts"]) or None, config)
     if opts["json_file"]:

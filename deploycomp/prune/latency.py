@@ -67,9 +67,9 @@ from deploycomp.prune.structure import (
 DEFAULT_WIDTHS = 8  # candidate widths per group: 1/8, 2/8, ..., 8/8 of its channels
 DEFAULT_ITERATIONS = 4  # timed candidates per search (the first allocation and up to 3 corrections)
 DEFAULT_TOLERANCE_PCT = 5.0  # a measured speed-up within 5 % of the target ends the search
-# One intra-op thread on the CPU unless asked: with two per ONNX Runtime session on a 2-core machine, the
-# worker threads of the sessions not being timed keep spinning, and the original of the baseline measured
-# 1.25 ms against 0.66 ms with one thread (a paired "2.3x" that was 1.5x; see docs/latency-pruning.md).
+# One intra-op thread on the CPU unless asked: reproducible and cheap on a small machine. (Several
+# multi-threaded ORT sessions used to slow each other by spinning; bench now stops that, see
+# docs/latency-pruning.md.)
 DEFAULT_CPU_THREADS = 1
 MIN_BLOCK_VALUE = 1e-9  # a block whose skipping lowers the loss is still worth keeping when time allows
 
