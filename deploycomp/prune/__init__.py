@@ -37,6 +37,10 @@ the removable blocks (identity shortcut), chosen by the smallest calibration-los
 
 A measured latency target (``target_latency_ms``, or ``target_speedup`` with ``measured``) is searched
 on the deployment backend instead: see :mod:`deploycomp.prune.latency`.
+
+Layout: this module is the run (config, :func:`prune_checkpoint`, :func:`run_prune`);
+:mod:`~deploycomp.prune.strategies` turns a ratio or MACs target into steps, on the torch-pruning
+plumbing of :mod:`~deploycomp.prune.channels`; :mod:`~deploycomp.prune.criteria` scores channels.
 """
 
 from __future__ import annotations
@@ -45,19 +49,14 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deploycomp import console
 from deploycomp.errors import MissingDependencyError, UsageError, check
+from deploycomp.prune.channels import channels_removed_pct, ignored_layers, one_thread, prune_channels
 from deploycomp.train import TrainConfig
 
-MAX_RATIO = 0.95  # the largest channel ratio a target search may use
-SEARCH_TOLERANCE = 0.005  # a search stops once MACs are within 0.5 % of the target
-TARGET_TOLERANCE = 0.02  # targets must be reached within 2 %
-RATIO_TOLERANCE_POINTS = 3.0  # a ratio's MACs reduction must land within 3 points of what it asks
 FINETUNE_LR = {"sgd": 0.01}  # fine-tuning a trained model wants a smaller SGD step than training from scratch
 
 
@@ -198,7 +197,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     device = resolve_device(cfg.device)
     criterion = get_criterion(cfg.method)(CriterionOptions(cfg.norm, cfg.coverage_threshold, cfg.seed, device))
     model = ckpt.model.cpu().eval()
-    ignored = _ignored_layers(model, cfg.ignore)
+    ignored = ignored_layers(model, cfg.ignore)
     loss_fn = _distill_loss(ckpt, cfg) if cfg.finetune is not None else None
     check(cfg.finetune is None or data.train is not None, "fine-tuning needs the training split of the dataset")
     batches = []
@@ -210,7 +209,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     criterion.check(ckpt)
 
     example = ckpt.example_input()
-    with _one_thread():
+    with one_thread():
         before = {**count_params(model), "macs": count_macs(model, example),
                   "weights_size_mib": state_dict_size_mib(model)}
     layers_before = layer_channels(model)
@@ -247,7 +246,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
             recalibrate_batchnorm(model, batches, device)
             seconds["calibration"] += time.perf_counter() - t
         done["after_pruning"] = evaluate_now("eval (pruned)")
-        with _one_thread():
+        with one_thread():
             done["macs"] = count_macs(model, example)
         console.info(f"step {step + 1}/{cfg.steps}: {done['macs'] / 1e9:.3f} G MACs, "
                      f"{_top1(done['after_pruning'])} right after pruning")
@@ -277,7 +276,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
         "macs_reduction_asked_pct": achieved_pct if ctx.asked_reduction_pct is None else ctx.asked_reduction_pct,
         "target_macs_g": None if ctx.target_macs is None else ctx.target_macs / 1e9,
         "speedup_macs": before["macs"] / max(after["macs"], 1),
-        "channels_removed_pct": _channels_removed_pct(layers_before, layers_after, ignored),
+        "channels_removed_pct": channels_removed_pct(layers_before, layers_after, ignored),
         "removed_blocks": [b for s in steps_done for b in s.get("blocks", [])],
         "accuracy": {"before": acc_before, "after_pruning": after_pruning, "after_finetuning": final},
         "seconds": seconds, "steps": steps_done, "notes": ctx.notes, "layers": layers_after,
@@ -338,127 +337,6 @@ def run_prune(model: str | None, config: PruneConfig, *, output: str | None = No
     return record
 
 
-# --------------------------------------------------------------------------------------------------
-# Strategies: how a criterion's granularity turns into structural edits
-
-
-class _Channels:
-    """Width pruning with torch-pruning, by ratio or by MACs target (searched on dry runs)."""
-
-    def plan(self, ctx: _Context) -> None:
-        cfg = ctx.cfg
-        direct = cfg.ratio is not None and cfg.round_to == 1 and cfg.steps == 1
-        if cfg.ratio is not None and not direct:
-            asked = _dry_macs(ctx, ctx.ckpt.model, cfg.ratio, round_to=1)
-            ctx.target_macs = asked
-        elif cfg.target_macs_g is not None:
-            ctx.target_macs = cfg.target_macs_g * 1e9
-        elif cfg.target_speedup is not None:
-            ctx.target_macs = ctx.macs0 / cfg.target_speedup
-        if ctx.target_macs is not None:
-            ctx.asked_reduction_pct = 100.0 * (1 - ctx.target_macs / ctx.macs0)
-            if cfg.ratio is None:
-                self._check_reachable(ctx)
-        else:
-            ctx.asked_reduction_pct = None  # direct: what the ratio asks is exactly what it does
-
-    def _check_reachable(self, ctx: _Context) -> None:
-        g = ctx.macs0 / 1e9
-        t = ctx.target_macs
-        if t >= ctx.macs0:
-            raise UsageError(f"target {t / 1e9:.4g} G MACs is not below the model's {g:.4g} G MACs; "
-                             "ask for less (or use --ratio)")
-        floor = _dry_macs(ctx, ctx.ckpt.model, MAX_RATIO, ctx.cfg.round_to)
-        if floor > t * (1 + TARGET_TOLERANCE):
-            raise UsageError(f"target {t / 1e9:.4g} G MACs is unreachable: removing {MAX_RATIO:.0%} of the channels "
-                             f"of every layer leaves {floor / 1e9:.4g} G MACs (from {g:.4g} G); ask for at least "
-                             f"{floor / 1e9:.4g} G or a speed-up of at most {ctx.macs0 / floor:.3g}")
-
-    def step(self, ctx: _Context, step: int) -> dict[str, Any]:
-        cfg, model = ctx.cfg, ctx.ckpt.model
-        if ctx.target_macs is None:
-            ratio = cfg.ratio
-            history = _prune_pass(ctx, model, ratio, cfg.round_to)
-            return {"ratio": ratio, "surgery": {"op": "prune_channels", "history": history}}
-        goal = ctx.macs0 - (ctx.macs0 - ctx.target_macs) * (step + 1) / cfg.steps
-        if cfg.ratio is not None and cfg.steps == 1:  # the ratio itself is fine when within a point of what it asks
-            ratio, macs, evals = _search_ratio(ctx, model, goal, first_guess=cfg.ratio, tolerance=0.01 * ctx.macs0)
-        else:
-            ratio, macs, evals = _search_ratio(ctx, model, goal)
-        history = _prune_pass(ctx, model, ratio, cfg.round_to)
-        if step == cfg.steps - 1:
-            self._check_landing(ctx, macs)
-        return {"ratio": ratio, "goal_macs": goal, "search_evaluations": evals,
-                "surgery": {"op": "prune_channels", "history": history}}
-
-    def _check_landing(self, ctx: _Context, macs: int) -> None:
-        t = ctx.target_macs
-        if ctx.cfg.ratio is not None:
-            off = abs((t - macs) / ctx.macs0) * 100
-            if off > RATIO_TOLERANCE_POINTS:
-                msg = (f"with --round-to {ctx.cfg.round_to} the MACs reduction lands {off:.1f} points from the "
-                       f"{ctx.asked_reduction_pct:.1f}% that --ratio {ctx.cfg.ratio} asks for; "
-                       "use a smaller --round-to")
-                console.warn(msg)
-                ctx.notes.append(msg)
-        elif abs(macs - t) / t > TARGET_TOLERANCE:
-            msg = (f"reached {macs / 1e9:.4g} G MACs for a target of {t / 1e9:.4g} G (channel counts are multiples "
-                   f"of {ctx.cfg.round_to}); use a smaller --round-to to get closer")
-            console.warn(msg)
-            ctx.notes.append(msg)
-
-
-class _Blocks:
-    """Depth pruning: drop the residual blocks whose skipping raises the calibration loss least."""
-
-    def plan(self, ctx: _Context) -> None:
-        from deploycomp.prune.depth import removable_blocks
-
-        names = removable_blocks(ctx.ckpt.model)
-        if not names:
-            raise UsageError(f"{ctx.ckpt.arch} has no residual blocks with an identity shortcut, so depth pruning "
-                             "has nothing to remove; use a channel criterion such as --method magnitude")
-        cfg = ctx.cfg
-        if cfg.ratio is not None:
-            ctx.n_remove = min(len(names), max(1, math.floor(cfg.ratio * len(names) + 0.5)))
-            return
-        ctx.target_macs = cfg.target_macs_g * 1e9 if cfg.target_macs_g is not None else ctx.macs0 / cfg.target_speedup
-        ctx.asked_reduction_pct = 100.0 * (1 - ctx.target_macs / ctx.macs0)
-        block_macs = _module_macs(ctx.ckpt.model, ctx.example, names)
-        floor = ctx.macs0 - sum(block_macs.values())
-        if ctx.target_macs >= ctx.macs0 or floor > ctx.target_macs * (1 + TARGET_TOLERANCE):
-            raise UsageError(f"target {ctx.target_macs / 1e9:.4g} G MACs is unreachable by dropping blocks: the model "
-                             f"has {ctx.macs0 / 1e9:.4g} G MACs and at least {floor / 1e9:.4g} G remain with all "
-                             f"{len(names)} removable blocks gone")
-        ctx.block_macs = block_macs
-        ctx.n_remove = None
-
-    def step(self, ctx: _Context, step: int) -> dict[str, Any]:
-        from deploycomp.metrics import count_macs
-        from deploycomp.prune.depth import drop_blocks, removable_blocks
-
-        model, cfg = ctx.ckpt.model, ctx.cfg
-        names = removable_blocks(model)
-        scores = ctx.criterion.block_scores(model, names)
-        order = sorted(names, key=lambda n: scores[n])
-        if ctx.n_remove is not None:
-            k = math.floor(ctx.n_remove * (step + 1) / cfg.steps + 0.5) - ctx.removed
-            chosen = order[:max(k, 0)]
-            ctx.removed += len(chosen)
-        else:
-            goal = ctx.macs0 - (ctx.macs0 - ctx.target_macs) * (step + 1) / cfg.steps
-            macs, chosen = count_macs(model, ctx.example), []
-            for n in order:
-                if macs <= goal * (1 + SEARCH_TOLERANCE):
-                    break
-                chosen.append(n)
-                macs -= ctx.block_macs[n]
-        drop_blocks(model, chosen)
-        return {"blocks": chosen, "sensitivity": {n: scores[n] for n in order},
-                "surgery": {"op": "drop_blocks", "blocks": chosen}}
-
-
-STRATEGIES = {"channels": _Channels, "blocks": _Blocks}
 
 
 def _strategy(criterion, cfg: PruneConfig):
@@ -467,181 +345,9 @@ def _strategy(criterion, cfg: PruneConfig):
         from deploycomp.prune.latency import STRATEGIES as LATENCY_STRATEGIES
 
         return LATENCY_STRATEGIES[criterion.granularity]()
+    from deploycomp.prune.strategies import STRATEGIES
+
     return STRATEGIES[criterion.granularity]()
-
-
-# --------------------------------------------------------------------------------------------------
-# torch-pruning plumbing
-
-
-def _tp_pruner_class():
-    import torch_pruning as tp
-
-    class Pruner(tp.pruner.BasePruner):
-        """torch-pruning's pruner with balanced channel rounding.
-
-        torch-pruning 1.6 rounds each layer's kept count *down* to a multiple of ``round_to`` (to zero
-        for a small layer, which it then silently skips), so every layer overshoots the ratio. Here each
-        layer rounds down or up, whichever keeps the running sum of rounding errors (as fractions of the
-        layers' widths) closest to zero, and never below ``round_to`` channels: the errors cancel
-        across layers instead of adding up.
-        """
-
-        _residual = 0.0
-
-        def _round_to(self, n_pruned, current_channels, round_to):
-            exact = current_channels - n_pruned
-            down = exact - exact % round_to
-            options = [c for c in (down, down + round_to) if min(round_to, current_channels) <= c <= current_channels]
-            options = options or [min(round_to, current_channels)]
-            kept = min(options, key=lambda c: (abs(self._residual + (c - exact) / current_channels), c))
-            self._residual += (kept - exact) / current_channels
-            return current_channels - kept
-
-    return Pruner
-
-
-@contextmanager
-def _one_thread():
-    """Graph tracing and pruning are many tiny ops: one thread avoids spinning on a busy machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def prune_channels(model, example_input, criterion, ratio: float, *, global_pruning: bool = False, round_to: int = 1,
-                   ignore: Sequence[str] = ()) -> list:
-    """Prune ``model`` in place at channel ratio ``ratio`` with ``criterion``; return torch-pruning's history.
-
-    The lower-level step under :func:`prune_checkpoint`: no calibration (a data-driven criterion must
-    already be calibrated), no search, no fine-tuning. ``ignore`` names modules whose outputs are kept;
-    the classifier always is.
-    """
-    from deploycomp.prune import adapters
-
-    criterion.reset()
-    ignored = _ignored_layers(model, ignore)
-    with _one_thread():
-        pruner = _tp_pruner_class()(
-            model, example_input, criterion, pruning_ratio=ratio, global_pruning=global_pruning,
-            ignored_layers=[model.get_submodule(n) for n in ignored], round_to=round_to if round_to > 1 else None,
-            **adapters.pruner_kwargs(model))
-        pruner.step()
-    adapters.after_pruning(model)
-    return pruner.pruning_history()
-
-
-def _prune_pass(ctx: _Context, model, ratio: float, round_to: int) -> list:
-    return prune_channels(model, ctx.example, ctx.criterion, ratio, global_pruning=ctx.cfg.global_pruning,
-                          round_to=round_to, ignore=ctx.ignored)
-
-
-def _dry_macs(ctx: _Context, model, ratio: float, round_to: int) -> int:
-    """MACs of a deep copy of ``model`` pruned at ``ratio`` (the model itself is untouched)."""
-    from deploycomp.metrics import count_macs
-
-    trial = copy.deepcopy(model)
-    _prune_pass(ctx, trial, ratio, round_to)
-    with _one_thread():
-        return count_macs(trial, ctx.example)
-
-
-def _search_ratio(ctx: _Context, model, goal: float, first_guess: float | None = None, tolerance: float | None = None,
-                  max_evals: int = 14) -> tuple[float, int, int]:
-    """The channel ratio whose pruning of ``model`` lands closest to ``goal`` MACs (bisection on dry runs).
-
-    Stops as soon as a dry run is within ``tolerance`` MACs of the goal (default: 0.5 % of the goal).
-    """
-    from deploycomp.metrics import count_macs
-
-    now = count_macs(model, ctx.example)
-    if goal >= now:
-        return 0.0, now, 0
-    round_to = ctx.cfg.round_to
-    tried: dict[float, int] = {}
-
-    def f(r: float) -> int:
-        if r not in tried:
-            tried[r] = _dry_macs(ctx, model, r, round_to)
-        return tried[r]
-
-    tolerance = SEARCH_TOLERANCE * goal if tolerance is None else tolerance
-    lo, hi = 0.0, MAX_RATIO
-    r = first_guess if first_guess is not None else min(MAX_RATIO, max(0.01, 1 - math.sqrt(goal / now)))
-    for _ in range(max_evals):
-        m = f(r)
-        if abs(m - goal) <= tolerance:
-            break
-        if m > goal:
-            lo = r
-        else:
-            hi = r
-        if hi - lo < 1e-4:
-            break
-        r = (lo + hi) / 2
-    best = min(tried, key=lambda k: (abs(tried[k] - goal), k))
-    return best, tried[best], len(tried)
-
-
-def _module_macs(model, example, names: list[str]) -> dict[str, int]:
-    """Approximate MACs (convolutions and linear layers) inside each named module, from one forward pass."""
-    import torch
-    import torch.nn as nn
-
-    per_layer: dict[str, int] = {}
-
-    def hook(name):
-        def fn(m, inputs, out):
-            if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
-                per_layer[name] = out[0].numel() * k
-            else:
-                per_layer[name] = m.in_features * m.out_features
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return {b: sum(v for k, v in per_layer.items() if k.startswith(b + ".")) for b in names}
-
-
-def _ignored_layers(model, names) -> list[str]:
-    """The classifier (the last Linear, else the last convolution) plus the user's ``--ignore`` names."""
-    import difflib
-
-    import torch.nn as nn
-
-    modules = dict(model.named_modules())
-    heads = [n for n, m in modules.items() if isinstance(m, nn.Linear)] or \
-        [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-    out = heads[-1:]
-    for n in names:
-        if n not in modules or not n:
-            close = difflib.get_close_matches(n, [k for k in modules if k], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UsageError(f"--ignore {n!r} is not a layer of the model{hint}; "
-                             "`deploycomp info --layers` lists the layers")
-        if n not in out:
-            out.append(n)
-    return out
-
-
-def _channels_removed_pct(before: list[dict], after: list[dict], ignored: list[str]) -> float:
-    """Share of output channels removed over the conv/linear layers that still exist (classifier excluded)."""
-    now = {r["layer"]: r["out"] for r in after}
-    kept = [(r["out"], now[r["layer"]]) for r in before if r["layer"] in now and r["layer"] not in ignored]
-    total = sum(b for b, _ in kept)
-    return 100.0 * (1 - sum(a for _, a in kept) / total) if total else 0.0
 
 
 def _epochs_for_step(total: int, steps: int, step: int) -> int:

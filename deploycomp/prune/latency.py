@@ -250,10 +250,10 @@ class LatencySearch:
 
     def _verify(self, i: int, asked: float, alloc, full_ms: float) -> dict[str, Any]:
         from deploycomp.metrics import count_macs
-        from deploycomp.prune import _one_thread
+        from deploycomp.prune.channels import one_thread
 
         trial = self.build(alloc.choice)
-        with _one_thread():
+        with one_thread():
             macs = count_macs(trial.model, self.ctx.example)
         with console.status_line(f"latency search {i + 1}/{self.iterations}: timing a candidate against the "
                                  f"original on {self.setup.describe()}"):

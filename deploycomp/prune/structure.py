@@ -139,7 +139,7 @@ def analyse_channels(model, example, criterion, ignored: list[str], round_to: in
     import torch.nn as nn
     import torch_pruning as tp
 
-    from deploycomp.prune import _one_thread
+    from deploycomp.prune.channels import one_thread
 
     notes: list[str] = []
     modules = dict(model.named_modules())
@@ -149,7 +149,7 @@ def analyse_channels(model, example, criterion, ignored: list[str], round_to: in
     out_of: dict[Any, int] = {}
     mixed: set[Any] = set()  # layers whose input concatenates several groups
     groups: list[ChannelGroup] = []
-    with _one_thread():
+    with one_thread():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
                                        root_module_types=(nn.Conv2d, nn.Linear)):
@@ -221,10 +221,10 @@ def prune_to_widths(model, example, widths: dict[str, int], rankings: dict[str, 
     that come first in its ``rankings`` entry; returns torch-pruning's history (for the checkpoint)."""
     import torch_pruning as tp
 
-    from deploycomp.prune import _one_thread
+    from deploycomp.prune.channels import one_thread
 
     modules = dict(model.named_modules())
-    with _one_thread():
+    with one_thread():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         for root, w in widths.items():
             m = modules[root]
