@@ -196,7 +196,8 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
                     "variant": b["name"], "precision": r.get("precision") or item["precision"],
                     "format": FORMAT_OF_STAGE.get(stage_kind, "pt"), "backend": r.get("backend", item["backend"]),
                     "batch": r.get("batch"), "top1_pct": top1, "size_mib": artifact_size,
-                    "latency_median_ms": lat.get("median"), "latency_p99_ms": lat.get("p99"),
+                    "latency_median_ms": r.get("latency_median_ms") or lat.get("median"),
+                    "latency_p99_ms": lat.get("p99"),
                     "latency_cov_pct": lat.get("cov_pct"), "throughput_ips": r.get("throughput_ips"),
                     "latency_median_ci95_ms": r.get("latency_median_ci95_ms"),
                     "block_medians_ms": r.get("block_medians_ms"), "session": r.get("session"),
@@ -410,10 +411,10 @@ def _interval_err(rows: list[dict]):
     """Asymmetric error bars (2 x n) from the rows' median intervals (None when none was measured)."""
     if not any(r.get("latency_median_ci95_ms") for r in rows):
         return None
-    lo = [r["latency_median_ms"] - r["latency_median_ci95_ms"][0] if r.get("latency_median_ci95_ms") else 0.0
-          for r in rows]
-    hi = [r["latency_median_ci95_ms"][1] - r["latency_median_ms"] if r.get("latency_median_ci95_ms") else 0.0
-          for r in rows]
+    lo = [max(0.0, r["latency_median_ms"] - r["latency_median_ci95_ms"][0]) if r.get("latency_median_ci95_ms")
+          else 0.0 for r in rows]
+    hi = [max(0.0, r["latency_median_ci95_ms"][1] - r["latency_median_ms"]) if r.get("latency_median_ci95_ms")
+          else 0.0 for r in rows]
     return [lo, hi]
 
 

@@ -65,6 +65,21 @@ def test_statistics_match_numpy():
     assert summarize([5.0])["std"] == 0.0
 
 
+def test_median_latency_is_the_one_its_interval_is_about():
+    """Skewed rounds: the pooled median of all samples lies outside the rounds' median interval (a plot's
+    error bar once went negative on this); the reported median is the median of the round medians."""
+    from deploycomp.bench.timing import Timing
+
+    mids = [1.00 + 0.01 * i for i in range(20)]  # each round's median, one round per value
+    blocks = [[m, m, m, 5.0, 5.0] for m in mids]
+    ns = [int(v * 1e6) for b in blocks for v in b]
+    st = statistics(Timing(ns, ns, sum(ns), warmup_iters=1, warmup_s=0.0, block_iters=[5] * 20), batch=1)
+    lo, hi = st["latency_median_ci95_ms"]
+    assert (lo, hi) == pytest.approx((1.05, 1.14))  # order statistics 6 and 15 of 20 (sign test, 95 %)
+    assert st["latency_ms"]["median"] == pytest.approx(1.16)  # pooled: outside the interval
+    assert st["latency_median_ms"] == pytest.approx(1.095) and lo <= st["latency_median_ms"] <= hi
+
+
 def test_statistics_throughput_and_warnings():
     from deploycomp.bench.timing import Timing
 

@@ -7,6 +7,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import assert_one_line_error
 
 
@@ -155,3 +157,14 @@ def test_paired_bench_stage_gives_intervals_verdicts_and_error_bars(cli, tmp_pat
     rows = list(csv.DictReader(io.StringIO((run / "report.csv").read_text())))
     assert float(rows[1]["speedup_ci95_low"]) == expected.ci95[0] and rows[1]["verdict"] == "faster"
     assert (run / "plots" / "accuracy_vs_latency.png").stat().st_size > 5000
+
+
+def test_error_bars_never_negative_for_records_whose_median_is_outside_the_interval():
+    """Records written before latency_median_ms carry the pooled median, which can lie outside the rounds'
+    median interval; the bar then reaches the point, it does not go negative (matplotlib refuses that)."""
+    from deploycomp.report import _interval_err
+
+    rows = [{"latency_median_ms": 4.349, "latency_median_ci95_ms": [4.285, 4.337]},
+            {"latency_median_ms": 1.0, "latency_median_ci95_ms": [0.9, 1.2]}, {"latency_median_ms": 2.0}]
+    lo, hi = _interval_err(rows)
+    assert lo == pytest.approx([0.064, 0.1, 0.0]) and hi == pytest.approx([0.0, 0.2, 0.0])

@@ -197,15 +197,17 @@ def run_job(job: dict[str, Any], measure_memory: bool = False) -> dict[str, Any]
 
 
 def _record(artifact, desc, cfg: BenchConfig, batch, timing, stats, mem, environment, session) -> dict[str, Any]:
-    from deploycomp.bench.paired import relative_drift
+    from deploycomp.bench.paired import drift_windows, relative_drift
 
     targets = timing.targets
     conditions = dict(timing.conditions)
     if timing.final_ns:  # the reference, timed again after the last round
-        first = stats["block_medians_ms"][0]
+        blocks = stats["block_medians_ms"]
         last = float(sorted(timing.final_ns)[len(timing.final_ns) // 2]) / 1e6
-        conditions.update({"reference_first_block_ms": first, "reference_final_block_ms": last,
-                           "drift_pct": 100.0 * relative_drift(first, last)})
+        start, end, k = drift_windows(blocks, last)
+        conditions.update({"reference_first_block_ms": blocks[0], "reference_final_block_ms": last,
+                           "reference_start_ms": start, "reference_end_ms": end, "drift_window_rounds": k,
+                           "drift_pct": 100.0 * relative_drift(start, end)})
     return {
         "schema_version": SCHEMA_VERSION,
         "artifact": str(artifact),
@@ -231,6 +233,7 @@ def _record(artifact, desc, cfg: BenchConfig, batch, timing, stats, mem, environ
                     "min_iterations": targets["min_iters"], "max_iterations": targets["max_iters"],
                     "duration_s": targets["duration_s"], "rounds": targets["rounds"], "budget_s": targets["budget_s"]},
         "latency_ms": stats["latency_ms"],
+        "latency_median_ms": stats["latency_median_ms"],
         "latency_median_ci95_ms": stats["latency_median_ci95_ms"],
         "block_medians_ms": stats["block_medians_ms"],
         "enqueue_ms": stats["enqueue_ms"],
@@ -341,16 +344,17 @@ def _warn_once(r: dict, text: str) -> None:
 
 
 def _check_drift(r: dict) -> None:
-    """A reference whose extra block after the last round lies outside its own interval: the machine drifted."""
+    """The reference's latency at the end of the session far from the one at its start: the machine drifted."""
+    from deploycomp.bench.paired import DRIFT_WARN_PCT
+
     cond = r.get("conditions") or {}
-    ci = r.get("latency_median_ci95_ms")
-    last = cond.get("reference_final_block_ms")
-    if last is None or not ci or ci[0] <= last <= ci[1]:
+    if cond.get("reference_end_ms") is None or abs(cond["drift_pct"]) <= DRIFT_WARN_PCT:
         return
+    k = cond["drift_window_rounds"]
     _warn_once(r, f"the machine's speed changed during the comparison: {r['label']} took "
-                  f"{cond['reference_first_block_ms']:.3g} ms in the first round and {last:.3g} ms after the last "
-                  f"({cond['drift_pct']:+.0f}%, outside its interval [{ci[0]:.3g}, {ci[1]:.3g}] ms); the paired "
-                  "speed-ups allow for it, the absolute latencies do not: close other work or use --pin-cores")
+                  f"{cond['reference_start_ms']:.3g} ms in the first {k} rounds and {cond['reference_end_ms']:.3g} ms "
+                  f"at the end ({cond['drift_pct']:+.0f}%); the paired speed-ups allow for it, the absolute "
+                  "latencies do not: close other work or use --pin-cores")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,8 +374,13 @@ CSV_COLUMNS = (
     # schema 2: paired rounds
     "rounds", "latency_median_ci95_low_ms", "latency_median_ci95_high_ms", "speedup_ci95_low", "speedup_ci95_high",
     "verdict", "paired", "session", "load_avg_1m_before", "load_avg_1m_after", "other_cpu_pct", "drift_pct",
-    "pinned_cpus",
+    "pinned_cpus", "latency_median_ms",
 )
+
+
+def median_ms(r: dict) -> float:
+    """The median latency a result reports with its interval (records older than that field: the pooled one)."""
+    return r.get("latency_median_ms") or r["latency_ms"]["median"]
 
 
 def csv_row(r: dict) -> dict[str, Any]:
@@ -456,7 +465,7 @@ def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, li
 
     out = [("latency in ms (run + sync, inputs on the device); median with its 95% interval over rounds",
             ["model", "backend", "batch", "median [95% interval]", "p99", "rounds", "img/s"],
-            [[*name(r), fmt_interval(r["latency_ms"]["median"], r.get("latency_median_ci95_ms")),
+            [[*name(r), fmt_interval(median_ms(r), r.get("latency_median_ci95_ms")),
               r["latency_ms"]["p99"], r.get("rounds"), r["throughput_ips"]] for r in results])]
     if len({r["artifact"] for r in results}) > 1:
         out.append(("compared with the first model on the same backend and batch, timed in alternation: "

@@ -118,6 +118,10 @@ def paired_speedup(reference: Sequence[float], candidate: Sequence[float], *, ma
     return Speedup(est, ci, verdict(est, ci, margin_pct), int(d.size))
 
 
+DRIFT_MIN_WINDOW = 3  # rounds at each end of a session that the drift compares (at least)
+DRIFT_WARN_PCT = 10.0  # the reference's end-of-session latency this far from its start one: a warning
+
+
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Distribution-free interval of the median of ``values`` (order statistics, binomial; the sign-test
     interval, e.g. Conover, "Practical Nonparametric Statistics", 1999, sec. 3.2). None below 6 values."""
@@ -142,6 +146,22 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
 def relative_drift(first: float, last: float) -> float:
     """``last / first - 1``: how much slower (positive) the machine ran the same work at the end."""
     return last / first - 1.0
+
+
+def drift_windows(block_medians: Sequence[float], final: float) -> tuple[float, float, int]:
+    """The reference's median latency at the start and at the end of a session, and the window size.
+
+    Start: the median of the first ``k`` round medians; end: the median of the last ``k - 1`` and the
+    extra block timed after the last round; ``k`` = a quarter of the rounds, at least 3. One block
+    against another is noise, not drift: on the idle 2-core machine of ``results/bench_ab.md`` the first
+    and the final block of the same model differed by -20 % to +50 %.
+    """
+    import numpy as np
+
+    k = max(DRIFT_MIN_WINDOW, len(block_medians) // 4)
+    start = float(np.median(block_medians[:k]))
+    end = float(np.median([*block_medians[len(block_medians) - (k - 1):], final]))
+    return start, end, k
 
 
 def fmt_interval(value: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:

@@ -155,6 +155,8 @@ def ns_to_ms(samples: Sequence[int]) -> list[float]:
 
 def statistics(t: Timing, batch: int, asynchronous: bool = False) -> dict[str, Any]:
     """The published numbers of one run: latency/enqueue/device/copy statistics, throughput, warnings."""
+    import numpy as np
+
     from deploycomp.bench.paired import median_interval
 
     lat = summarize(ns_to_ms(t.latency_ns))
@@ -163,6 +165,10 @@ def statistics(t: Timing, batch: int, asynchronous: bool = False) -> dict[str, A
     ci = median_interval(blocks) if len(blocks) > 1 else None
     out: dict[str, Any] = {
         "latency_ms": lat,
+        # The median the interval (and the paired speed-up) is about: the median of the rounds' medians.
+        # With one round it is the median of all samples; with several it can differ from that pooled
+        # median (latency_ms.median), which may lie outside the interval.
+        "latency_median_ms": float(np.median(blocks)),
         "latency_median_ci95_ms": list(ci) if ci else None,
         "block_medians_ms": blocks,
         "rounds": t.rounds,
@@ -176,15 +182,17 @@ def statistics(t: Timing, batch: int, asynchronous: bool = False) -> dict[str, A
         "warmup_iterations": t.warmup_iters,
         "warmup_s": t.warmup_s,
     }
-    out["warnings"] = timing_warnings(t, lat, enq, ci, asynchronous)
+    out["warnings"] = timing_warnings(t, out["latency_median_ms"], enq, ci, asynchronous)
     return out
 
 
-def timing_warnings(t: Timing, lat: dict, enq: dict, ci: tuple[float, float] | None,
+def timing_warnings(t: Timing, median: float, enq: dict, ci: tuple[float, float] | None,
                     asynchronous: bool) -> list[str]:
-    """Warnings that mean something: each says what is wrong and what to do, and none fires on a good run."""
+    """Warnings that mean something: each says what is wrong and what to do, and none fires on a good run.
+
+    ``median`` is the median latency reported with its interval ``ci`` (the median of the round medians).
+    """
     warnings = []
-    median = lat["median"]
     if ci is not None and median > 0:
         spread = 100.0 * max(median - ci[0], ci[1] - median) / median
         if spread > NOISY_PCT:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deploycomp import console
+from deploycomp.bench import median_ms
 from deploycomp.registry import Registry
 
 PROBES: Registry[type[Probe]] = Registry(
@@ -251,7 +252,7 @@ class Probe:
         from deploycomp.bench import benchmark
 
         results = benchmark(list(artifacts), setup.bench_config(rounds=rounds))
-        return [ModelTiming(r["latency_ms"]["median"], r.get("latency_median_ci95_ms"), r["speedup"],
+        return [ModelTiming(median_ms(r), r.get("latency_median_ci95_ms"), r["speedup"],
                             r.get("speedup_ci95"), r.get("verdict"), list(r.get("warnings") or []))
                 for r in results]
 
