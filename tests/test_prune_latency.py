@@ -335,3 +335,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_each_candidate_is_timed_in_several_sessions_and_combined_across_them(tmp_path):
+    """A session's interval covers its own rounds; the search's speed-up is the geometric mean over fresh
+    sessions, with the Student-t interval across them (t(0.975, 2) = 4.303 for three)."""
+    from deploycomp.prune.latency import VERIFY_SESSIONS, _over_sessions
+
+    mean, ci = _over_sessions([1.8, 2.0, 2.2])
+    logs = np.log([1.8, 2.0, 2.2])
+    half = 4.302653 * logs.std(ddof=1) / np.sqrt(3)
+    assert mean == pytest.approx(7.92 ** (1 / 3))
+    assert ci == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)], rel=1e-5)
+    assert _over_sessions([1.5]) == (pytest.approx(1.5), None)
+    _, record = prune_checkpoint(fresh(), synthetic(), latency_config(tmp_path))
+    for it in record["latency"]["iterations"]:
+        assert len(it["sessions"]) == VERIFY_SESSIONS == 3
+        assert it["measured_speedup"] == pytest.approx(it["sessions"][0]["speedup"])  # the fake backend is exact
