@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics as st
 import subprocess
@@ -80,7 +81,9 @@ def bench(a: str, b: str, extra: list[str], out: Path) -> dict:
     ref, row = json.loads(out.read_text())["results"]
     return {"speedup": row["speedup"], "ci": row["speedup_ci95"], "verdict": row["verdict"], "wall_s": wall,
             "ref_median_ms": ref["latency_ms"]["median"], "median_ms": row["latency_ms"]["median"],
-            "conditions": ref.get("conditions") or {}, "warnings": ref["warnings"] + row["warnings"],
+            # the round order is in bench's own JSON; here it would be most of the file
+            "conditions": {k: v for k, v in (ref.get("conditions") or {}).items() if k != "order"},
+            "warnings": ref["warnings"] + row["warnings"],
             "threads": row.get("threads")}
 
 
@@ -152,6 +155,7 @@ def report(results: dict[str, list[dict]], args, env: dict, seconds: float) -> s
               f"{max(walls):.1f} s)",
               f"- ResNet-50 A/B (224 px): median {st.median(walls_b):.1f} s (range {min(walls_b):.1f}-"
               f"{max(walls_b):.1f} s)", "",
+              *warning_summary(results), "",
               "## Every repetition", "",
               "| pair | rep | new speed-up [95 % interval] | verdict | old speed-up | other CPU % | warnings |",
               "|---|---:|---|---|---:|---:|---:|"]
@@ -164,13 +168,38 @@ def report(results: dict[str, list[dict]], args, env: dict, seconds: float) -> s
     return "\n".join(lines) + "\n"
 
 
+def warning_summary(results: dict[str, list[dict]]) -> list[str]:
+    """How many of the new method's runs carried each kind of warning (its text up to the first colon)."""
+    kinds: dict[str, int] = {}
+    for rs in results.values():
+        for r in rs:
+            for w in {re.sub(r"within \d+%.*", "within more than 5 %", w.split(":")[0]) for w in r["new"]["warnings"]}:
+                kinds[w] = kinds.get(w, 0) + 1
+    total = sum(len(rs) for rs in results.values())
+    drifts = sorted(round(r["new"]["conditions"]["drift_pct"]) for rs in results.values() for r in rs
+                    if r["new"]["conditions"].get("drift_pct") is not None)
+    lines = ["## Warnings of the new method", "", f"Runs (of {total}) with each kind of warning:", ""]
+    lines += [f"- {n}: {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1])] or ["- none"]
+    if drifts:
+        lines += ["", f"The reference's drift (`conditions.drift_pct`) over the runs: {drifts[0]} % to {drifts[-1]} % "
+                  f"(median {st.median(drifts):.0f} %)."]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--pairs", default="A/A ort,A/A torch,A/B ort,A/B torch",
                     help="comma-separated subset of the pairs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_ab.md"))
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only rewrite the report from a recorded JSON (this script's) to --out")
     args = ap.parse_args()
+    if args.render:
+        rec = json.loads(Path(args.render).read_text())
+        args.reps = rec["reps"]
+        Path(args.out).write_text(report(rec["results"], args, rec["environment"], rec["seconds"]))
+        return
 
     from deploycomp.bench.env import capture
 
@@ -181,11 +210,14 @@ def main() -> None:
         wanted = [p.strip() for p in args.pairs.split(",")]
         pairs = {k: v for k, v in pairs.items() if k in wanted}
         results = run(pairs, args.reps, work, lambda m: print(m, flush=True))
-    text = report(results, args, capture("cpu"), time.perf_counter() - t0)
+    env, seconds = capture("cpu"), time.perf_counter() - t0
+    text = report(results, args, env, seconds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    keep = {k: env.get(k) for k in ("cpu_model", "cpus_usable", "torch", "onnxruntime", "deploycomp", "time_utc")}
+    out.with_suffix(".json").write_text(json.dumps({"reps": args.reps, "seconds": seconds, "environment": keep,
+                                                    "results": results}))
     print(text)
 
 
