@@ -198,6 +198,19 @@ def write_markdown(path: Path, rows: list[dict], cal: list[dict], meta: dict) ->
     path.write_text("\n".join(lines))
 
 
+def compact(record: dict) -> dict:
+    """What the JSON keeps: the environment once, no round orders, no 1,000 class names per sidecar."""
+    results = record["results"]
+    env = next((r.get("environment") for r in results if r.get("environment")), None)
+    for r in results:
+        r.pop("environment", None)
+        (r.get("conditions") or {}).pop("order", None)
+    for per_target in record["quantize_sidecars"].values():
+        for side in per_target.values():
+            side.pop("class_names", None)
+    return {"environment": env, **record}
+
+
 def main() -> None:
     from deploycomp.quantize import has_vnni, reduce_range_without_vnni
 
@@ -251,9 +264,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/quantize_targets.py " + " ".join(sys.argv[1:])
-    (out.with_suffix(".json")).write_text(json.dumps({"command": cmd.strip(), "results": raw,
-                                                      "quantize_sidecars": sidecars, "calibration": cal},
-                                                     indent=1, default=str))
+    (out.with_suffix(".json")).write_text(json.dumps(compact({"command": cmd.strip(), "results": raw,
+                                                              "quantize_sidecars": sidecars, "calibration": cal}),
+                                                     default=str))
     timing = "warmup 1 iteration, >= 10 iterations and >= 0.1 s in 5 rounds (--quick: a smoke test, not a result)" \
         if args.quick else ("warmup >= 3 iterations and >= 300 ms, then >= 40 iterations and >= 6 s per artifact and "
                             "batch, shared by 20 rounds")
