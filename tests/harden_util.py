@@ -220,7 +220,10 @@ def assert_clean_exit(result, args=()) -> None:
 # Subprocesses: real signals and another user
 
 RUNNER = '''
-import os, sys, time
+import os, signal, sys, time
+# What is simulated is Ctrl-C at a terminal. A test run started in the background by a non-interactive
+# shell (nohup ... &) inherits SIGINT ignored, and Python then keeps ignoring it: restore the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 block_on, marker = os.environ.get("DEPLOYCOMP_TEST_BLOCK"), os.environ.get("DEPLOYCOMP_TEST_MARKER")
 if block_on:

@@ -100,7 +100,7 @@ def test_sigint_then_sigkill_during_training_lose_nothing(tmp_path, monkeypatch)
     """SIGINT while epoch 2 of 3 writes its resume state: one line, no checkpoint, epoch 1's state intact.
     The resumed run continues after epoch 1; SIGKILL while it writes its checkpoint; --resume then
     finishes without redoing any. (The interrupt is placed by blocking the write, not by timing: three
-    epochs of this tiny run take about a second, and a SIGINT sent after epoch 1 sometimes came too late.)"""
+    epochs of this tiny run take about a second.)"""
     import torch
 
     monkeypatch.chdir(tmp_path)
