@@ -74,7 +74,7 @@ DEFAULT_TOLERANCE_PCT = 5.0  # a measured speed-up within 5 % of the target ends
 DEFAULT_CPU_THREADS = 1
 # Each candidate is timed against the original in this many sessions, each loading both anew. A session's
 # interval covers its own rounds only: loaded again, the same two models measure a different speed-up
-# (memory placement). For the baseline's 2x candidate (ORT CPU, one thread) 12 sessions in one process
+# (most likely memory placement). For the baseline's 2x candidate (ORT CPU, one thread) 12 sessions in one process
 # gave 1.71-1.87x with intervals of +-1 % each, and the search's single session had said 2.07x
 # (docs/latency-pruning.md, "Sessions"). The speed-up is the geometric mean over the sessions, and its
 # interval the Student-t interval across them.
