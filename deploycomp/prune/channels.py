@@ -75,21 +75,16 @@ def prune_channels(model, example_input, criterion, ratio: float, *, global_prun
     return pruner.pruning_history()
 
 
-def module_macs(model, example, names: list[str]) -> dict[str, int]:
-    """Approximate MACs (convolutions and linear layers) inside each named module, from one forward pass."""
+def forward_through_layers(model, example, record) -> None:
+    """One no-grad forward pass of ``model`` (in eval mode) calling ``record(name, module, inputs, output)``
+    for every convolution and linear layer."""
     import torch
     import torch.nn as nn
 
-    per_layer: dict[str, int] = {}
-
     def hook(name):
-        def fn(m, inputs, out):
-            if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
-                per_layer[name] = out[0].numel() * k
-            else:
-                per_layer[name] = m.in_features * m.out_features
-        return fn
+        def observe(module, inputs, out) -> None:  # returns None: a hook's return value would replace the output
+            record(name, module, inputs, out)
+        return observe
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -99,6 +94,22 @@ def module_macs(model, example, names: list[str]) -> dict[str, int]:
     finally:
         for h in handles:
             h.remove()
+
+
+def module_macs(model, example, names: list[str]) -> dict[str, int]:
+    """Approximate MACs (convolutions and linear layers) inside each named module, from one forward pass."""
+    import torch.nn as nn
+
+    per_layer: dict[str, int] = {}
+
+    def record(name, m, inputs, out):
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+            per_layer[name] = out[0].numel() * k
+        else:
+            per_layer[name] = m.in_features * m.out_features
+
+    forward_through_layers(model, example, record)
     return {b: sum(v for k, v in per_layer.items() if k.startswith(b + ".")) for b in names}
 
 

@@ -91,24 +91,10 @@ class Structure:
 
 def layer_inputs(model, example) -> dict[str, tuple[int, ...]]:
     """Input shape (without batch) of every convolution and linear layer, from one forward pass."""
-    import torch
-    import torch.nn as nn
+    from deploycomp.prune.channels import forward_through_layers
 
     shapes: dict[str, tuple[int, ...]] = {}
-
-    def hook(name):
-        def record(module, args, out) -> None:
-            shapes.setdefault(name, tuple(args[0].shape[1:]))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_through_layers(model, example, lambda name, m, args, out: shapes.setdefault(name, tuple(args[0].shape[1:])))
     return shapes
 
 
