@@ -41,6 +41,17 @@ def _threads():
     yield
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models on a shared two-core machine: one thread is faster than two spinning ones."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """light_resnet18 trained for one epoch on 1,024 Fashion-MNIST images (a few seconds on CPU).

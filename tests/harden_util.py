@@ -219,6 +219,28 @@ def assert_clean_exit(result, args=()) -> None:
 # --------------------------------------------------------------------------------------------------
 # Subprocesses: real signals and another user
 
+def half_writing(real, nth: int, failure):
+    """A save function (``torch.save``-like, ``(obj, path)``) whose ``nth`` call to a file writes half of its
+    output, then raises ``failure(path)``; calls to in-memory buffers and earlier calls go through."""
+    calls = [0]
+
+    def save(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, os.PathLike)):  # an in-memory buffer (sizes), not a file on the disk
+            return real(obj, f, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] < nth:
+            return real(obj, f, *args, **kwargs)
+        import io
+
+        buf = io.BytesIO()
+        real(obj, buf, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise failure(f)
+
+    return save
+
+
 RUNNER = '''
 import os, signal, sys, time
 # What is simulated is Ctrl-C at a terminal. A test run started in the background by a non-interactive

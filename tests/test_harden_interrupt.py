@@ -11,10 +11,9 @@ pipeline waits for the killed one.
 from __future__ import annotations
 
 import json
-import os
 import signal
 
-from tests.harden_util import TINY_RECIPE, invoke, leftovers, snapshot, start, tiny_onnx, wait_for
+from tests.harden_util import TINY_RECIPE, half_writing, invoke, leftovers, snapshot, start, tiny_onnx, wait_for
 
 TRAIN = ["train", "--model", "light_resnet18", "--data", "synthetic", "--train-samples", "64", "--val-samples", "32",
          "--batch-size", "32", "-o", "m.pt"]
@@ -22,23 +21,7 @@ TRAIN = ["train", "--model", "light_resnet18", "--data", "synthetic", "--train-s
 
 def _interrupting(real, nth: int = 1):
     """A save function whose ``nth`` call (to a file) writes half of its output, then gets Ctrl-C."""
-    calls = [0]
-
-    def save(obj, f, *args, **kwargs):
-        if not isinstance(f, (str, os.PathLike)):
-            return real(obj, f, *args, **kwargs)
-        calls[0] += 1
-        if calls[0] < nth:
-            return real(obj, f, *args, **kwargs)
-        import io
-
-        buf = io.BytesIO()
-        real(obj, buf, *args, **kwargs)
-        with open(f, "wb") as out:
-            out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-        raise KeyboardInterrupt
-
-    return save
+    return half_writing(real, nth, lambda f: KeyboardInterrupt())
 
 
 def interrupted(result) -> str:

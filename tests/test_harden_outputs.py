@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harden_util import invoke, leftovers, snapshot, synthetic_checkpoint, tiny_onnx
+from tests.harden_util import half_writing, invoke, leftovers, snapshot, synthetic_checkpoint, tiny_onnx
 
 
 def one_error(result) -> str:
@@ -179,23 +179,7 @@ def test_full_disk(small_disk, tmp_path, monkeypatch):
 
 def _filling(real, nth: int = 1):
     """A save function whose ``nth`` call writes half of its output, then fails like a full disk."""
-    calls = [0]
-
-    def save(obj, f, *args, **kwargs):
-        if not isinstance(f, (str, os.PathLike)):  # an in-memory buffer (sizes), not a file on the disk
-            return real(obj, f, *args, **kwargs)
-        calls[0] += 1
-        if calls[0] < nth:
-            return real(obj, f, *args, **kwargs)
-        import io
-
-        buf = io.BytesIO()
-        real(obj, buf, *args, **kwargs)
-        with open(f, "wb") as out:
-            out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-
-    return save
+    return half_writing(real, nth, lambda f: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f)))
 
 
 def test_disk_fills_while_writing_onnx(onnx_model, tmp_path, monkeypatch):

@@ -22,14 +22,7 @@ from deploycomp.prune.depth import block_sensitivity, removable_blocks
 from deploycomp.train import TrainConfig
 from tests.conftest import assert_one_line_error
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared two-core machine: one thread is faster than two spinning ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

@@ -329,12 +329,7 @@ def test_prune_help_imports_no_torch():
     assert out.strip().splitlines()[-1] == "False"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_each_candidate_is_timed_in_several_sessions_and_combined_across_them(tmp_path):

@@ -160,12 +160,7 @@ def roundtrip(ref: str, tmp_path, *, size: int = DEFAULT_SIZE, model_kwargs: dic
     return {"macs_reduction_pct": record["macs_reduction_pct"], "max_abs_diff": exported["parity"]["max_abs_diff"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def family(name: str) -> str:
