@@ -179,6 +179,22 @@ def _disk_full(directory: Path) -> bool:
         return False
 
 
+def _new_file_beside(path: Path, suffix: str, shown: str | os.PathLike) -> tuple[Path, str]:
+    """``path``'s write target (through a link) and a new empty hidden file beside it; one-line errors for a
+    directory in the way or a directory that takes no new file (naming ``shown``, the path as the user gave it).
+    The parent directory is created if missing."""
+    target = _write_target(path)
+    if target.is_dir():
+        raise OutputFileError(f"cannot write {shown}: it is a directory; give a file name")
+    make_dirs(target.parent)
+    try:
+        fd, new = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    except OSError as e:
+        raise cannot_write(shown, e) from None
+    os.close(fd)
+    return target, new
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
@@ -188,15 +204,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     is replaced, the link stays). A full or read-only disk becomes a one-line :class:`OutputFileError`.
     """
     path = Path(path)
-    target = _write_target(path)
-    if target.is_dir():
-        raise OutputFileError(f"cannot write {path}: it is a directory; give a file name")
-    make_dirs(target.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as e:
-        raise cannot_write(path, e) from None
-    os.close(fd)
+    target, tmp = _new_file_beside(path, ".tmp", path)
     umask = os.umask(0)
     os.umask(umask)
     with suppress(OSError):
@@ -291,15 +299,7 @@ def check_output(output: str | os.PathLike, *inputs: str | os.PathLike | None) -
     """
     out = Path(output)
     ensure_not_input(out, *inputs)
-    target = _write_target(out)
-    if target.is_dir():
-        raise OutputFileError(f"cannot write {output}: it is a directory; give a file name")
-    make_dirs(target.parent)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
-    except OSError as e:
-        raise cannot_write(output, e) from None
-    os.close(fd)
+    _, probe = _new_file_beside(out, ".probe", output)
     os.unlink(probe)
     return out
 
