@@ -357,10 +357,11 @@ class OrtRunner(Runner):
         if stop_spinning:
             # Each session has its own thread pool, whose workers spin for a while after a run. Timed in
             # alternation, the spinning workers of the session timed a moment ago compete with the one timed
-            # now: on 2 idle cores this inflated a paired speed-up by 9 % (1.64x against 1.51x for the two
-            # models timed alone, each in its own process). Stopping the spinning at the end of each run
-            # (ORT's session.force_spinning_stop) keeps it within a run and gave 1.50x, with the same
-            # absolute latencies as alone (docs/bench-schema.md, "How comparisons are made").
+            # now: on 2 idle cores a paired speed-up read 1.64x against 1.51x for the two models timed alone,
+            # each in its own process (medians of 4 repetitions; sessions themselves vary by a few percent,
+            # so this is suggestive rather than proven). Stopping the spinning at the end of each run (ORT's
+            # session.force_spinning_stop) keeps it within a run and gave 1.50x, with the same absolute
+            # latencies as alone (docs/bench-schema.md, "How comparisons are made").
             so.add_session_config_entry("session.force_spinning_stop", "1")
         check(not self.options.cuda_graph or self.ort_device == "cuda",
               "--cuda-graph with ONNX Runtime needs --provider cuda (it sets the CUDA EP's enable_cuda_graph)")
