@@ -13,7 +13,7 @@ from deploycomp.bench.backends import BACKENDS, RunnerOptions, backend_for, get_
 from deploycomp.errors import MissingDependencyError, UsageError
 
 # One thread: the 2 CI cores are shared, and OpenMP threads that get preempted make latency explode.
-FAST = {"warmup": 3, "warmup_ms": 0, "iters": 30, "threads": 1}
+FAST = {"warmup": 3, "warmup_ms": 0, "iters": 30, "threads": 1, "sessions": 1}  # one session, in this process
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +153,26 @@ def test_io_host_on_cpu(tiny_model, tiny_onnx):
         assert r["h2d_ms"]["median"] >= 0 and r["d2h_ms"]["median"] >= 0 and r["io"] == "host"
 
 
-def test_memory_runs_in_a_fresh_process(tiny_model):
-    import os
+def test_memory_runs_in_fresh_processes_of_its_own(tiny_model, tiny_onnx):
+    """torch: weights counted exactly; ORT: a process without torch; steady state above the baseline."""
+    results = benchmark([str(tiny_model), str(tiny_onnx)],
+                        BenchConfig(device="cpu", memory=True, warmup=1, warmup_ms=0, iters=5, threads=1, sessions=1))
+    mem_pt, mem_onnx = (r["memory"] for r in results)
+    from deploycomp.checkpoint import load_model
 
-    (r,) = benchmark(str(tiny_model), BenchConfig(device="cpu", memory=True, warmup=1, warmup_ms=0, iters=5, threads=1))
-    mem = r["memory"]
-    assert mem["host_peak_rss_mib"] > mem["host_rss_before_load_mib"] > 10
-    assert mem["torch_peak_allocated_mib"] is None  # CPU: no CUDA allocator
-    assert r["environment"]["torch"]
-    assert os.getpid()  # the parent's own peak is not what was reported: a child ran it
+    model = load_model(str(tiny_model)).model
+    exact = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    assert mem_pt["weights_mib"] == pytest.approx(exact) and mem_pt["torch_imported"] is True
+    assert mem_onnx["torch_imported"] is False and mem_onnx["weights_mib"] is None
+    for mem in (mem_pt, mem_onnx):
+        assert mem["peaks"] == "per step"
+        assert 0 < mem["steady_rss_mib"] <= mem["run_peak_rss_mib"]
+        assert mem["load_peak_rss_mib"] >= mem["loaded_rss_mib"] > 0
+        assert len(mem["repeats"]) == 3 and mem["steady_range_mib"][0] <= mem["steady_rss_mib"] <= mem[
+            "steady_range_mib"][1]
+        assert mem["torch_peak_allocated_mib"] is None  # CPU: no CUDA allocator
+    # the ORT session holds the weights (about the fp32 size of the parameters) plus its buffers
+    assert mem_onnx["steady_rss_mib"] > 0.5 * exact
 
 
 def test_trt_profile_batch_range():

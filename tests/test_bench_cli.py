@@ -12,7 +12,7 @@ from conftest import assert_one_line_error
 from deploycomp.bench import CSV_COLUMNS, SCHEMA, SCHEMA_VERSION, read_results
 from deploycomp.bench.timing import STAT_KEYS
 
-FAST = ["--warmup", "2", "--warmup-ms", "0", "--iters", "10", "--threads", "1"]
+FAST = ["--warmup", "2", "--warmup-ms", "0", "--iters", "10", "--threads", "1", "--sessions", "1"]
 
 RECORD_KEYS = {
     "schema_version": int, "artifact": str, "label": str, "backend": str, "device": str, "batch": int,
@@ -20,7 +20,7 @@ RECORD_KEYS = {
     "params_total": int, "warmup_iterations": int, "warmup_s": float, "iterations": int, "timed_wall_s": float,
     "targets": dict, "latency_ms": dict, "enqueue_ms": dict, "throughput_ips": float, "warnings": list,
     "environment": dict, "extra": dict, "rounds": int, "block_medians_ms": list, "latency_median_ci95_ms": list,
-    "session": str, "conditions": dict,
+    "session": str, "conditions": dict, "sessions": list, "interval": str,
 }
 NULLABLE_KEYS = ("arch", "provider", "device_ms", "h2d_ms", "d2h_ms", "memory", "reference", "speedup",
                  "macs_reduction", "speedup_efficiency", "speedup_ci95", "verdict", "paired")
@@ -53,8 +53,10 @@ def two_models(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_bench_two_models_json_csv_schema(cli, two_models):
     base, pruned = two_models
-    res = cli("bench", base, pruned, "--batch", "1,2", *FAST, "--json", "out.json", "--csv", "out.csv")
+    two_sessions = [*FAST[:-1], "2"]  # each session a fresh process
+    res = cli("bench", base, pruned, "--batch", "1,2", *two_sessions, "--json", "out.json", "--csv", "out.csv")
     assert "speed-up" in res.output and "efficiency" in res.output
+    assert "95% interval across 2 sessions (fresh processes)" in res.output
     doc = json.loads(Path("out.json").read_text())
     assert doc["schema"] == SCHEMA and doc["schema_version"] == SCHEMA_VERSION
     results = doc["results"]
@@ -70,12 +72,18 @@ def test_bench_two_models_json_csv_schema(cli, two_models):
         assert r["reference"] == "base"
         assert set(r["targets"]) == {"warmup_iterations", "warmup_ms", "min_iterations", "max_iterations",
                                      "duration_s", "rounds", "budget_s"}
-        # --iters 10 alone: exactly 10 iterations, so 10 rounds of one iteration each
-        assert r["iterations"] == 10 and r["rounds"] == 10 and len(r["block_medians_ms"]) == 10
+        # --iters 10 alone: exactly 10 iterations per session, so 10 rounds of one iteration each
+        assert r["iterations"] == 20 and r["rounds"] == 20 and len(r["block_medians_ms"]) == 20
+        assert [(s["iterations"], s["rounds"], len(s["block_medians_ms"])) for s in r["sessions"]] == [(10, 10, 10)] * 2
+        assert r["interval"] == "across 2 sessions (fresh processes)"
         low, high = r["latency_median_ci95_ms"]
-        assert low <= r["latency_ms"]["median"] <= high
+        assert low <= r["latency_median_ms"] <= high
+        assert min(s["latency_median_ms"] for s in r["sessions"]) <= r["latency_median_ms"] <= max(
+            s["latency_median_ms"] for s in r["sessions"])
         assert {"load_avg_1m_before", "load_avg_1m_after", "other_cpu_pct"} <= set(r["conditions"])
-    assert results[0]["session"] == results[2]["session"] != results[1]["session"]  # one session per batch
+        assert r["conditions"]["sessions"] == 2
+    assert len({r["session"] for r in results}) == 1  # one run: its id pairs the results
+    assert len({s["session"] for r in results for s in r["sessions"]}) == 4  # a session id per session and batch
     pr = results[2]
     assert pr["macs_reduction"] > 2 and pr["speedup_efficiency"] == pytest.approx(pr["speedup"] / pr["macs_reduction"])
     assert pr["paired"] is True and pr["verdict"] in ("faster", "same", "slower")
@@ -88,7 +96,7 @@ def test_bench_two_models_json_csv_schema(cli, two_models):
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 4
     assert float(rows[2]["latency_ms_median"]) == pytest.approx(pr["latency_ms"]["median"])
-    assert rows[0]["schema_version"] == str(SCHEMA_VERSION) and rows[0]["device_name"]
+    assert rows[0]["schema_version"] == str(SCHEMA_VERSION) and rows[0]["device_name"] and rows[0]["sessions"] == "2"
     assert rows[2]["verdict"] == pr["verdict"] and float(rows[2]["speedup_ci95_low"]) == pytest.approx(
         pr["speedup_ci95"][0])
 
@@ -189,9 +197,10 @@ def test_bench_batch_beyond_engine_profile(cli, monkeypatch):
     monkeypatch.setattr(backends, "trt_module", lambda: _FakeTrt)
     monkeypatch.setattr(backends, "cuda_available", lambda: True)
     Path("model.engine").write_bytes(b"\x00" * 64)
-    assert_one_line_error(cli("bench", "model.engine", "--batch", "16", ok=False),
+    # --sessions 1: in this process, where the stand-in TensorRT is (a fresh process would not have it)
+    assert_one_line_error(cli("bench", "model.engine", "--batch", "16", "--sessions", "1", ok=False),
                           "batch 16 is outside the optimisation profile", "1 to 8")
-    assert_one_line_error(cli("bench", "model.engine", "--device", "cpu", ok=False), "NVIDIA GPU")
+    assert_one_line_error(cli("bench", "model.engine", "--device", "cpu", "--sessions", "1", ok=False), "NVIDIA GPU")
 
 
 def test_bench_help_lists_options(cli):

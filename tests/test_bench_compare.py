@@ -80,8 +80,9 @@ def virtual_clock(monkeypatch):
     return install
 
 
-# 50 ms of (virtual) time per artifact per round, 20 rounds: the defaults of `deploycomp bench`
-DEFAULT = TimingConfig(warmup_iters=5, warmup_ms=0)
+# One session of 20 rounds, 50 ms of (virtual) time per artifact per round: what `deploycomp bench
+# --sessions 1 --rounds 20 --duration-s 1` does (the within-session statistics; sessions are tested below)
+DEFAULT = TimingConfig(warmup_iters=5, warmup_ms=0, rounds=20, duration_s=1.0)
 
 
 def timed_pair(machine: Machine, latency_a: float, latency_b: float, config: TimingConfig = DEFAULT):
@@ -133,7 +134,7 @@ def test_drift_fools_sequential_timing_but_not_interleaved_rounds(virtual_clock)
         m = Machine(seed, drift=0.0, noise=0.05, spikes=0.0, ramp=math.log(1.4))
         virtual_clock(m)
         ta, tb = measure_rounds([FakeRunner(m, 1.1e-3), FakeRunner(m, 1.0e-3)],
-                                TimingConfig(warmup_iters=5, warmup_ms=0, rounds=1))
+                                TimingConfig(warmup_iters=5, warmup_ms=0, rounds=1, duration_s=1.0))
         sequential_says.append(ta.block_medians_ms()[0] / tb.block_medians_ms()[0])
         m = Machine(seed, drift=0.0, noise=0.05, spikes=0.0, ramp=math.log(1.4))
         virtual_clock(m)

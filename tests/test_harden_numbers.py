@@ -30,6 +30,7 @@ UNIT_CLOSED = (["nan", "inf", -0.5, 0.0, 1.5], 1.0)  # (0, 1]
 ABOVE_ONE = (["nan", "inf", 0.5, 1.0], 2.0)
 SEED = ([-1, 2**32, BIG], 7)
 OPSET = ([-1, 0, 5, 10**6, BIG], 17)
+SESSIONS = ([-1, 0, 101, 10**6, BIG], 3)  # 1 to 100 fresh processes
 FINITE = (["nan", "inf", "-inf"], 1e300)  # only NaN and infinities mean nothing
 AT_LEAST_TWO = ([-1, 0, 1, BIG], 2)
 PERCENT_UNDER_50 = (["nan", "inf", -1.0, 0.0, 50.0], 5.0)  # (0, 50)
@@ -67,7 +68,8 @@ SPEC = {
                  {"--calib-samples": POS_INT, "--calib-batch": POS_INT, "--eval-samples": POS_INT, "--seed": ANY_INT}),
     "bench": (["bench", "light_resnet18"], {"--warmup": NONNEG_INT, "--warmup-ms": NONNEG_FLOAT, "--iters": POS_INT,
                                             "--duration-s": POS_FLOAT, "--threads": POS_INT, "--rounds": POS_INT,
-                                            "--budget-s": POS_FLOAT, "--margin-pct": PERCENT_UNDER_100}),
+                                            "--budget-s": POS_FLOAT, "--margin-pct": PERCENT_UNDER_100,
+                                            "--sessions": SESSIONS}),
     "build": (["build", "MODEL.onnx"], {"--min-batch": POS_INT, "--opt-batch": POS_INT, "--max-batch": POS_INT,
                                         "--dla-core": NONNEG_INT, "--calib-samples": POS_INT, "--gpu": ANY_INT}),
     "bundle": (["bundle", "-o", "b"], {"--batch": POS_INT, "--min-batch": POS_INT, "--opt-batch": POS_INT,

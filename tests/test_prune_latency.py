@@ -141,9 +141,11 @@ class FakeProbe(Probe):
         FakeProbe.models[key] = (ckpt.model, ckpt.example_input())
         return key
 
-    def compare(self, artifacts, setup, rounds=None):
+    def compare(self, artifacts, setup, sessions=None):
         ms = [fake_model_ms(*FakeProbe.models[a]) for a in artifacts]
-        return [ModelTiming(m, [m, m], ms[0] / m, [ms[0] / m] * 2 if i else None, "faster" if i else None, [])
+        n = sessions or 5
+        return [ModelTiming(m, [m, m], ms[0] / m, [ms[0] / m] * 2 if i else None, "faster" if i else None, [],
+                            [{"latency_median_ms": m, "speedup": ms[0] / m, "speedup_ci95": None}] * n)
                 for i, m in enumerate(ms)]
 
 
@@ -335,14 +337,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_each_candidate_is_timed_in_several_sessions_and_combined_across_them(tmp_path):
     """A session's interval covers its own rounds; the search's speed-up is the geometric mean over fresh
     sessions, with the Student-t interval across them (t(0.975, 2) = 4.303 for three)."""
-    from deploycomp.prune.latency import VERIFY_SESSIONS, _over_sessions
+    from deploycomp.bench.paired import across_sessions
+    from deploycomp.prune.latency import VERIFY_SESSIONS
 
-    mean, ci = _over_sessions([1.8, 2.0, 2.2])
+    est = across_sessions([1.8, 2.0, 2.2], rounds=30)
     logs = np.log([1.8, 2.0, 2.2])
     half = 4.302653 * logs.std(ddof=1) / np.sqrt(3)
-    assert mean == pytest.approx(7.92 ** (1 / 3))
-    assert ci == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)], rel=1e-5)
-    assert _over_sessions([1.5]) == (pytest.approx(1.5), None)
+    assert est.speedup == pytest.approx(7.92 ** (1 / 3)) and (est.sessions, est.rounds) == (3, 30)
+    assert est.ci95 == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)], rel=1e-5)
+    assert est.verdict == "faster"
+    one = across_sessions([1.5], rounds=10)
+    assert (one.speedup, one.ci95, one.verdict) == (pytest.approx(1.5), None, None)
     _, record = prune_checkpoint(fresh(), synthetic(), latency_config(tmp_path))
     for it in record["latency"]["iterations"]:
         assert len(it["sessions"]) == VERIFY_SESSIONS == 3

@@ -6,9 +6,11 @@ Library entry point::
     results = benchmark(["base.pt", "pruned.pt"], BenchConfig(batches=(1, 8), rounds=20))
     results[1]["speedup"], results[1]["speedup_ci95"], results[1]["verdict"]  # 1.8, [1.7, 1.9], "faster"
 
-All artifacts are loaded together and timed in interleaved rounds in this process
+All artifacts are loaded together and timed in interleaved rounds
 (:func:`deploycomp.bench.timing.measure_rounds`), so that every speed-up is paired and comes with a
-95 % interval and a verdict (:mod:`deploycomp.bench.paired`). Each result is a flat-ish dict following
+95 % interval and a verdict (:mod:`deploycomp.bench.paired`). That is one *session*; a run has several
+(``sessions``, 5 by default), each in a fresh process, and its intervals are across sessions, so that
+they hold for a re-run (:mod:`deploycomp.bench.sessions`). Each result is a flat-ish dict following
 the schema in ``docs/bench-schema.md`` (``SCHEMA_VERSION``); :func:`write_json` / :func:`write_csv`
 store a list of them. Backends live in :mod:`deploycomp.bench.backends`.
 """
@@ -27,7 +29,7 @@ from deploycomp import console
 from deploycomp.errors import UsageError, check
 
 SCHEMA = "deploycomp.bench"
-SCHEMA_VERSION = 2  # 2: paired rounds (speedup_ci95, verdict, rounds, block medians, conditions)
+SCHEMA_VERSION = 3  # 2: paired rounds (speedup_ci95, verdict, rounds, block medians, conditions); 3: sessions
 IO_MODES = ("device", "host")
 
 
@@ -43,7 +45,8 @@ class BenchConfig:
     warmup_ms: float | None = None  # minimum warmup time (default 200 ms)
     iters: int | None = None  # timed iterations per artifact (see TimingConfig: how they combine with duration_s)
     duration_s: float | None = None  # minimum timed duration per artifact
-    rounds: int | None = None  # interleaved rounds (default 20): each times one block of every artifact
+    rounds: int | None = None  # interleaved rounds per session (default 10): each times one block of every artifact
+    sessions: int | None = None  # sessions, each a fresh process loading every artifact anew (default 5)
     budget_s: float | None = None  # no new round once the timed rounds took this long (per batch size)
     margin_pct: float | None = None  # speed-ups within this of 1 are "same" (default 2 %)
     pin_cores: tuple[int, ...] | None = None  # run on these CPUs only (Linux affinity)
@@ -65,6 +68,7 @@ class BenchConfig:
             check(isinstance(b, int) and b > 0, f"--batch sizes must be positive integers, got {b!r}")
         check(self.threads is None or self.threads > 0, f"--threads must be positive, got {self.threads}")
         check(self.io in IO_MODES, f"--io must be one of {', '.join(IO_MODES)}, got {self.io!r}")
+        _check_sessions(self.sessions)
         check(self.margin_pct is None or 0 <= self.margin_pct < 100,
               f"--margin-pct must be in [0, 100), got {self.margin_pct}")
         self.timing().validate()
@@ -74,6 +78,11 @@ class BenchConfig:
         from deploycomp.bench.timing import TimingConfig
 
         return TimingConfig(self.warmup, self.warmup_ms, self.iters, self.duration_s, self.rounds, self.budget_s)
+
+    def session_count(self) -> int:
+        from deploycomp.bench.sessions import DEFAULT_SESSIONS
+
+        return DEFAULT_SESSIONS if self.sessions is None else self.sessions
 
     def margin(self) -> float:
         from deploycomp.bench.paired import DEFAULT_MARGIN_PCT
@@ -85,6 +94,15 @@ class BenchConfig:
 
         return RunnerOptions(self.device, self.provider, self.threads, self.cuda_graph,
                              tuple(self.input_size) if self.input_size else None, self.seed, self.arch)
+
+
+def _check_sessions(sessions) -> None:
+    from deploycomp.bench.sessions import DEFAULT_SESSIONS, MAX_SESSIONS
+
+    ok = sessions is None or (isinstance(sessions, int) and not isinstance(sessions, bool)
+                              and 1 <= sessions <= MAX_SESSIONS)
+    check(ok, f"--sessions must be a whole number from 1 to {MAX_SESSIONS}, got {sessions!r} ({DEFAULT_SESSIONS} is "
+              "the default; 1 times everything in one session, whose interval a re-run need not repeat)")
 
 
 def plan(artifacts: Sequence[str], backend: str = "auto") -> list[tuple[str, str]]:
@@ -106,10 +124,12 @@ def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig 
     """Benchmark the artifacts together at each batch size; results in the order given, compared to the first.
 
     ``artifacts``: checkpoint paths, zoo names, ``.onnx`` files or TensorRT engines (``None``: the
-    shipped baseline). All are loaded at once and timed in interleaved rounds in this process; the
-    speed-up of each against the first on the same backend and batch is paired round by round. With
-    ``config.memory`` each (artifact, batch) is also run in a fresh process for its memory figures.
+    shipped baseline). In each session (a fresh process; ``--sessions 1``: this process) all are loaded
+    at once and timed in interleaved rounds; the speed-up of each against the first on the same backend
+    and batch is paired round by round and combined across sessions. With ``config.memory`` each
+    (artifact, batch) is also measured in processes of its own (:mod:`deploycomp.bench.memory`).
     """
+    from deploycomp.bench.sessions import run_sessions
     from deploycomp.checkpoint import default_model
 
     config = (config or BenchConfig()).validate()
@@ -118,14 +138,51 @@ def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig 
     elif isinstance(artifacts, str):
         artifacts = [artifacts]
     pairs = plan(list(artifacts), config.backend)
-    results = run_job({"artifacts": [list(p) for p in pairs], "config": _config_dict(config)})["results"]
+    job = {"artifacts": [list(p) for p in pairs], "config": _config_dict(config)}
+    n = config.session_count()
+    if n == 1:  # in this process, whose own status line shows the rounds
+        results = run_sessions(job, 1)
+    else:
+        what = Path(pairs[0][0]).stem if len(pairs) == 1 else f"{len(pairs)} models"
+        with console.status_line(f"timing {what} in {n} sessions, each a fresh process") as show:
+            results = run_sessions(job, n, progress=lambda i, k: show(f"session {i}/{k}"))
     if config.memory:
         _attach_memory(results, pairs, config)
     compare(results, margin_pct=config.margin())
-    for r in results:
-        for w in r["warnings"]:
-            console.warn(f"{r['label']} ({r['backend']}, batch {r['batch']}): {w}")
+    if config.memory:
+        from deploycomp.bench.memory import reductions
+
+        reductions(results)
+    warn_summary(results)
     return results
+
+
+def warn_summary(results: list[dict]) -> None:
+    """Each warning once, naming every model (variant, precision, backend, batch) it applies to."""
+    seen: dict[str, list[str]] = {}
+    for r in results:
+        for w in r.get("warnings") or []:
+            seen.setdefault(_warning_kind(w), []).append(f"{_who(r)}: {w}")
+    for texts in seen.values():
+        if len(texts) == 1:
+            console.warn(texts[0])
+        else:
+            console.warn(f"{len(texts)} results: {texts[0]} (and {len(texts) - 1} more like it; every warning is "
+                         "in the JSON under 'warnings')")
+
+
+def _who(r: dict) -> str:
+    """``magnitude-30 int8, ort, batch 8``: which result a warning is about."""
+    name = r.get("branch") or r["label"]
+    precision = r.get("precision")
+    return f"{name}{' ' + precision if precision else ''}, {r['backend']}, batch {r['batch']}"
+
+
+def _warning_kind(text: str) -> str:
+    """A warning without its numbers, so that repeats of one kind collapse into one line."""
+    import re
+
+    return re.sub(r"[-+]?\d[\d.,]*", "#", text.split(":")[0])
 
 
 def _config_dict(config: BenchConfig) -> dict[str, Any]:
@@ -137,125 +194,12 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
 
 
 def _attach_memory(results: list[dict], pairs: list[tuple[str, str]], config: BenchConfig) -> None:
-    """Memory of each (artifact, batch), each in a fresh process: peaks are process-wide high-water marks."""
-    from deploycomp.bench.memory import MEMORY_RUN, run_isolated
+    """Memory of each (artifact, batch), in fresh processes of its own (:func:`deploycomp.bench.memory.measure`)."""
+    from deploycomp.bench.memory import measure
 
-    by_key = {(r["artifact"], r["backend"], r["batch"]): r for r in results}
-    for artifact, backend in pairs:
-        for batch in config.batches:
-            job = {"artifacts": [[artifact, backend]],
-                   "config": {**_config_dict(config), **MEMORY_RUN, "batches": [batch], "memory": False}}
-            mem = run_isolated(job)["results"][0]["memory"]
-            by_key[(str(artifact), backend, batch)]["memory"] = mem
-
-
-def _job_pairs(job: dict[str, Any]) -> list[tuple[str, str]]:
-    if "artifacts" in job:
-        return [(str(a), b) for a, b in job["artifacts"]]
-    return [(str(job["artifact"]), job["backend"])]  # a one-artifact job (schema of deploycomp <= 0.1)
-
-
-def run_job(job: dict[str, Any], measure_memory: bool = False) -> dict[str, Any]:
-    """Load every artifact of the job, then time them together, batch size by batch size (in this process)."""
-    import contextlib
-    import uuid
-
-    from deploycomp.bench import env, memory
-    from deploycomp.bench.backends import get_backend
-    from deploycomp.bench.conditions import pin_cores
-    from deploycomp.bench.timing import measure_rounds, statistics
-
-    cfg = BenchConfig(**{**job["config"], "batches": tuple(job["config"]["batches"]),
-                         "pin_cores": tuple(job["config"]["pin_cores"]) if job["config"].get("pin_cores") else None})
-    pairs = _job_pairs(job)
-    for _, backend in pairs:
-        get_backend(backend).preload()
-    baseline = memory.rss_mib() if measure_memory else None
-    timing_cfg = cfg.timing()
-    options = cfg.runner_options()
-    records: list[list[dict]] = [[] for _ in pairs]  # per artifact: results in artifact order, then batch
-    with pin_cores(list(cfg.pin_cores) if cfg.pin_cores else None), contextlib.ExitStack() as stack:
-        if cfg.pin_cores and options.threads is None:
-            options.threads = len(cfg.pin_cores)  # one intra-op thread per pinned core
-        options.interleaved = len(pairs) > 1
-        runners = [stack.enter_context(get_backend(backend)(artifact, options)) for artifact, backend in pairs]
-        for batch in cfg.batches:
-            what = runners[0].describe().get("label") if len(runners) == 1 else f"{len(runners)} models"
-            backends = ", ".join(dict.fromkeys(x.name for x in runners))
-            with console.status_line(f"benchmarking {what} ({backends}, {runners[0].device}, batch {batch})") as show:
-                for x in runners:
-                    x.prepare(batch)
-                timings = measure_rounds(runners, timing_cfg, io=cfg.io, seed=cfg.seed,
-                                         progress=lambda i, n: show(f"round {i}/{n}"))
-            session = uuid.uuid4().hex[:12]
-            for j, (x, t) in enumerate(zip(runners, timings, strict=True)):
-                stats = statistics(t, batch, asynchronous=x.asynchronous)
-                mem = memory.collect(x, baseline) if measure_memory else None
-                records[j].append(_record(pairs[j][0], x.describe(), cfg, batch, t, stats, mem, env.capture(x.device),
-                                          session))
-    return {"results": [r for per_artifact in records for r in per_artifact]}
-
-
-def _record(artifact, desc, cfg: BenchConfig, batch, timing, stats, mem, environment, session) -> dict[str, Any]:
-    from deploycomp.bench.paired import drift_windows, relative_drift
-
-    targets = timing.targets
-    conditions = dict(timing.conditions)
-    if timing.final_ns:  # the reference, timed again after the last round
-        blocks = stats["block_medians_ms"]
-        last = float(sorted(timing.final_ns)[len(timing.final_ns) // 2]) / 1e6
-        start, end, k = drift_windows(blocks, last)
-        conditions.update({"reference_first_block_ms": blocks[0], "reference_final_block_ms": last,
-                           "reference_start_ms": start, "reference_end_ms": end, "drift_window_rounds": k,
-                           "drift_pct": 100.0 * relative_drift(start, end)})
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "artifact": str(artifact),
-        "label": desc.get("label") or Path(str(artifact)).stem,
-        "arch": desc.get("arch"),
-        "backend": desc["backend"],
-        "provider": desc.get("provider"),
-        "device": desc["device"],
-        "batch": batch,
-        "input_shape": desc.get("input_shape"),
-        "precision": desc.get("precision"),
-        "io": cfg.io,
-        "threads": desc.get("threads"),
-        "cuda_graph": bool(desc.get("cuda_graph", False)),
-        "macs": desc.get("macs"),
-        "params_total": desc.get("params_total"),
-        "warmup_iterations": stats["warmup_iterations"],
-        "warmup_s": stats["warmup_s"],
-        "iterations": stats["iterations"],
-        "rounds": stats["rounds"],
-        "timed_wall_s": stats["timed_wall_s"],
-        "targets": {"warmup_iterations": targets["warmup_iters"], "warmup_ms": targets["warmup_ms"],
-                    "min_iterations": targets["min_iters"], "max_iterations": targets["max_iters"],
-                    "duration_s": targets["duration_s"], "rounds": targets["rounds"], "budget_s": targets["budget_s"]},
-        "latency_ms": stats["latency_ms"],
-        "latency_median_ms": stats["latency_median_ms"],
-        "latency_median_ci95_ms": stats["latency_median_ci95_ms"],
-        "block_medians_ms": stats["block_medians_ms"],
-        "enqueue_ms": stats["enqueue_ms"],
-        "device_ms": stats["device_ms"],
-        "h2d_ms": stats["h2d_ms"],
-        "d2h_ms": stats["d2h_ms"],
-        "throughput_ips": stats["throughput_ips"],
-        "memory": mem,
-        "session": session,
-        "reference": None,
-        "speedup": None,
-        "speedup_ci95": None,
-        "verdict": None,
-        "paired": None,
-        "macs_reduction": None,
-        "speedup_efficiency": None,
-        "conditions": conditions,
-        "warnings": stats["warnings"],
-        "environment": environment,
-        "extra": {k: v for k, v in desc.items()
-                  if k in ("execution_providers", "compile_mode", "tensorrt_version", "ort_spinning")},
-    }
+    figures = measure(pairs, config)
+    for r in results:
+        r["memory"] = figures.get((str(r["artifact"]), r["backend"], r["batch"]))
 
 
 def compare(results: list[dict], margin_pct: float | None = None) -> list[dict]:
@@ -263,31 +207,31 @@ def compare(results: list[dict], margin_pct: float | None = None) -> list[dict]:
 
     The reference of a result is the first artifact timed on the same backend and device at the same
     batch (normally the first artifact): a speed-up across backends would mix the backend's speed into
-    the model's. When both were timed in the same interleaved session (``session``) with enough rounds,
-    the speed-up is paired round by round (:func:`deploycomp.bench.paired.paired_speedup`: geometric
-    mean of per-round ratios of block medians, 95 % t interval, verdict); otherwise it is the ratio of
-    the medians, with no interval and no verdict (``paired`` false). macs_reduction = reference MACs /
-    this MACs; speedup_efficiency = speedup / macs_reduction (1.0: latency fell as much as MACs).
+    the model's. When both were timed in the same run (``session``: the run's id), the speed-up is paired
+    (:func:`deploycomp.bench.paired.paired_between`: per session the geometric mean of per-round ratios of
+    block medians; over sessions their geometric mean with the 95 % t interval across sessions; a verdict);
+    otherwise it is the ratio of the medians, with no interval and no verdict (``paired`` false).
+    macs_reduction = reference MACs / this MACs; speedup_efficiency = speedup / macs_reduction (1.0: latency
+    fell as much as MACs).
     """
     from deploycomp.bench.conditions import conditions_warning
-    from deploycomp.bench.paired import DEFAULT_MARGIN_PCT, paired_speedup
+    from deploycomp.bench.paired import DEFAULT_MARGIN_PCT, paired_between
 
     margin = DEFAULT_MARGIN_PCT if margin_pct is None else margin_pct
     refs: dict[tuple, dict] = {}
     for r in results:
         ref = refs.setdefault((r["batch"], r["backend"], r.get("device")), r)  # repeated artifacts: first wins
         r["reference"] = ref["label"]
-        paired = (r is not ref and r.get("session") is not None and r.get("session") == ref.get("session")
-                  and len(r.get("block_medians_ms") or []) == len(ref.get("block_medians_ms") or []) > 0)
+        est = None if r is ref else paired_between(ref, r, margin)
         if r is ref:
             r.update({"speedup": 1.0, "speedup_ci95": None, "verdict": None, "paired": None})
-        elif paired:
-            est = paired_speedup(ref["block_medians_ms"], r["block_medians_ms"], margin_pct=margin)
+        elif est is not None:
             r.update({"speedup": est.speedup, "speedup_ci95": list(est.ci95) if est.ci95 else None,
                       "verdict": est.verdict, "paired": True})
+            _session_speedups(ref, r, margin)
             if est.ci95 is None:
-                _warn_once(r, f"only {est.rounds} rounds: too few for an interval and a verdict; use --rounds 5 or "
-                              "more (20 is the default)")
+                _warn_once(r, f"only {est.rounds} rounds in one session: too few for an interval and a verdict; "
+                              "use --sessions 2 or more (5 is the default) or --rounds 5 or more")
         else:
             r.update({"speedup": ref["latency_ms"]["median"] / r["latency_ms"]["median"], "speedup_ci95": None,
                       "verdict": None, "paired": False})
@@ -307,6 +251,16 @@ def compare(results: list[dict], margin_pct: float | None = None) -> list[dict]:
     return results
 
 
+def _session_speedups(ref: dict, r: dict, margin: float) -> None:
+    """Each session's own paired speed-up, in the session's entry (how far sessions land from each other)."""
+    from deploycomp.bench.paired import paired_speedup
+
+    for a, b in zip(ref.get("sessions") or [], r.get("sessions") or [], strict=False):
+        if len(a["block_medians_ms"]) == len(b["block_medians_ms"]) > 0:
+            est = paired_speedup(a["block_medians_ms"], b["block_medians_ms"], margin_pct=margin)
+            b.update({"speedup": est.speedup, "speedup_ci95": list(est.ci95) if est.ci95 else None})
+
+
 def _flag_slow_int8(results: list[dict], margin_pct: float) -> None:
     """An INT8 ONNX model timed slower than its FP32 original in the same session gets a warning saying why.
 
@@ -314,7 +268,7 @@ def _flag_slow_int8(results: list[dict], margin_pct: float) -> None:
     which checks its SHA-256), the comparison is paired like every other, and the reason comes from the
     target the model was quantized for (:func:`deploycomp.quantize.target_hint`).
     """
-    from deploycomp.bench.paired import fmt_speedup, paired_speedup
+    from deploycomp.bench.paired import fmt_speedup, paired_between
 
     int8 = [r for r in results if r.get("precision") == "int8" and str(r["artifact"]).endswith(".onnx")]
     if not int8:
@@ -327,11 +281,8 @@ def _flag_slow_int8(results: list[dict], margin_pct: float) -> None:
         original = next((o for o in results if source is not None and o is not r
                          and o.get("session") == r.get("session") and o["batch"] == r["batch"]
                          and Path(o["artifact"]).resolve() == source), None)
-        a, b = (original or {}).get("block_medians_ms") or [], r.get("block_medians_ms") or []
-        if original is None or len(a) != len(b) or not a:
-            continue
-        est = paired_speedup(a, b, margin_pct=margin_pct)
-        if est.verdict == "slower":
+        est = paired_between(original, r, margin_pct) if original is not None else None
+        if est is not None and est.verdict == "slower":
             hint = target_hint(read_sidecar(r["artifact"]), r["backend"], r.get("device"))
             _warn_once(r, f"INT8 is slower than its FP32 original {original['label']} on {r['backend']} "
                           f"({fmt_speedup(est.speedup, est.ci95)}x): {hint}")
@@ -375,6 +326,8 @@ CSV_COLUMNS = (
     "rounds", "latency_median_ci95_low_ms", "latency_median_ci95_high_ms", "speedup_ci95_low", "speedup_ci95_high",
     "verdict", "paired", "session", "load_avg_1m_before", "load_avg_1m_after", "other_cpu_pct", "drift_pct",
     "pinned_cpus", "latency_median_ms",
+    # schema 3: sessions and memory figures of a process of its own
+    "sessions", "interval", "steady_rss_mib", "load_peak_rss_mib", "run_peak_rss_mib", "weights_mib",
 )
 
 
@@ -397,6 +350,7 @@ def csv_row(r: dict) -> dict[str, Any]:
         elif k in env and k not in row:
             row[k] = env[k]
     row["warnings"] = " | ".join(r.get("warnings", []))
+    row["sessions"] = len(r["sessions"]) if isinstance(r.get("sessions"), list) else r.get("sessions")
     for key, pair in (("latency_median_ci95_{}_ms", r.get("latency_median_ci95_ms")),
                       ("speedup_ci95_{}", r.get("speedup_ci95"))):
         row[key.format("low")], row[key.format("high")] = pair if pair else (None, None)
@@ -456,31 +410,52 @@ def read_results(path: str) -> list[dict]:
 def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, list[str], list[list]]]:
     """(title, columns, rows) of the terminal tables: latency; comparison (several artifacts); memory.
 
-    Kept narrow (seven columns each) so they stay readable in an 80-column terminal or a CI log.
+    Kept narrow (seven columns each) so they stay readable in an 80-column terminal or a CI log. Each
+    title says what its intervals cover (across sessions, or within one session).
     """
     from deploycomp.bench.paired import fmt_interval, fmt_speedup
 
     def name(r):
         return r["label"], r["backend"] + (f"/{r['provider']}" if r.get("provider") else ""), r["batch"]
 
-    out = [("latency in ms (run + sync, inputs on the device); median with its 95% interval over rounds",
+    covers = results[0].get("interval") or "over rounds" if results else ""
+    out = [(f"latency in ms (run + sync, inputs on the device); median with its 95% interval {covers}",
             ["model", "backend", "batch", "median [95% interval]", "p99", "rounds", "img/s"],
             [[*name(r), fmt_interval(median_ms(r), r.get("latency_median_ci95_ms")),
               r["latency_ms"]["p99"], r.get("rounds"), r["throughput_ips"]] for r in results])]
     if len({r["artifact"] for r in results}) > 1:
         out.append(("compared with the first model on the same backend and batch, timed in alternation: "
-                    "speed-up [95% interval] and verdict; efficiency = speed-up / MACs reduction",
+                    f"speed-up [95% interval {covers}] and verdict; efficiency = speed-up / MACs reduction",
                     ["model", "backend", "batch", "MACs red.", "speed-up [95% interval]", "verdict", "efficiency"],
                     [[*name(r), r["macs_reduction"], fmt_speedup(r["speedup"], r.get("speedup_ci95")),
                       r.get("verdict") or ("reference" if r.get("paired") is None else "-"),
                       r["speedup_efficiency"]] for r in results]))
     if with_memory:
-        keys = ("host_peak_rss_mib", "host_peak_rss_delta_mib", "torch_peak_reserved_mib",
-                "trt_engine_device_memory_mib")
-        out.append(("memory in MiB (each run in a fresh process)",
-                    ["model", "backend", "batch", "peak RSS", "RSS added", "torch reserved", "TRT engine"],
-                    [[*name(r), *((r.get("memory") or {}).get(k) for k in keys)] for r in results]))
+        out.append(memory_table(results, name))
     return out
+
+
+def memory_table(results: list[dict], name) -> tuple[str, list[str], list[list]]:
+    """The memory table: what each model costs on its runtime, in a fresh process of its own."""
+    from deploycomp.bench.memory import MEMORY_REPEATS
+
+    def cell(mem: dict, key: str):
+        return mem.get(key)
+
+    def reduction(mem: dict) -> str:
+        pct, rng = mem.get("memory_reduction_pct"), mem.get("memory_reduction_range_pct")
+        if pct is None:
+            return "reference" if mem.get("steady_rss_mib") is not None else "-"
+        return f"{pct:.1f}%" + (f" [{rng[0]:.1f}, {rng[1]:.1f}]" if rng else "")
+
+    title = ("memory in MiB above the process's baseline (after imports), each model in a fresh process of its own "
+             f"(median of {MEMORY_REPEATS}): load peak = peak while loading; steady = resident after warmup and "
+             "the timed runs (weights as the runtime holds them, activations, input and output); weights = "
+             "parameters + buffers (torch); reduction = steady state against the first model [range over repeats]")
+    rows = [[*name(r), *(cell(r.get("memory") or {}, k) for k in ("load_peak_rss_mib", "steady_rss_mib",
+                                                                    "weights_mib")),
+             reduction(r.get("memory") or {})] for r in results]
+    return title, ["model", "backend", "batch", "load peak", "steady", "weights", "reduction"], rows
 
 
 def describe_environment(results: list[dict]) -> str:
@@ -495,8 +470,11 @@ def describe_environment(results: list[dict]) -> str:
     its = sorted(x["iterations"] for x in results)
     timed = f"{its[0]}" if its[0] == its[-1] else f"{its[0]}-{its[-1]}"
     rounds = r.get("rounds") or 1
-    parts.append(f"warmup >= {r['targets']['warmup_iterations']} iterations and {r['targets']['warmup_ms']:.0f} ms; "
-                 f"{timed} timed iterations in {rounds} round{'s' if rounds > 1 else ''}")
+    n = len(r["sessions"]) if isinstance(r.get("sessions"), list) else 1
+    per = f" in each of {n} sessions (fresh processes)" if n > 1 else ""
+    parts.append(f"warmup >= {r['targets']['warmup_iterations']} iterations and {r['targets']['warmup_ms']:.0f} ms"
+                 f"{per}; {timed} timed iterations in {rounds} round{'s' if rounds > 1 else ''}"
+                 f"{' in all' if n > 1 else ''}")
     cond = r.get("conditions") or {}
     if cond.get("load_avg_1m_before") is not None:
         parts.append(f"load average {cond['load_avg_1m_before']} before, {cond.get('load_avg_1m_after')} after")

@@ -79,7 +79,16 @@ def cuda_available() -> bool:
 
 
 def _resolve_device(device: str | None) -> str:
-    """'cpu' or 'cuda:N'; asking for CUDA where there is none is a one-line error."""
+    """'cpu' or 'cuda:N'; asking for CUDA where there is none is a one-line error.
+
+    Without torch loaded and without an NVIDIA driver, ``None`` is the CPU without importing torch, so
+    that an ONNX Runtime benchmark process stays torch-free (its memory figures must not carry torch).
+    """
+    import sys
+
+    if device == "cpu" or (device is None and "torch" not in sys.modules
+                           and not Path("/proc/driver/nvidia/version").exists()):
+        return "cpu"
     from deploycomp.train import resolve_device
 
     d = resolve_device(device)
@@ -270,12 +279,16 @@ class TorchRunner(Runner):
         self.out_host = out.to("cpu", non_blocking=False)
 
     def memory(self) -> dict[str, Any]:
+        """Parameters and buffers counted exactly; on CUDA the caching allocator's peaks."""
         import torch
 
-        if not self.device.startswith("cuda"):
-            return {}
-        return {"torch_peak_allocated_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
-                "torch_peak_reserved_mib": torch.cuda.max_memory_reserved(self.device) / 2**20}
+        model = getattr(self.model, "_orig_mod", self.model)
+        tensors = [*model.parameters(), *model.buffers()]
+        out: dict[str, Any] = {"weights_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20}
+        if self.device.startswith("cuda"):
+            out.update({"torch_peak_allocated_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
+                        "torch_peak_reserved_mib": torch.cuda.max_memory_reserved(self.device) / 2**20})
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cuda_graph": bool(self.options.cuda_graph)}
@@ -318,9 +331,12 @@ class OrtRunner(Runner):
 
     @classmethod
     def preload(cls) -> None:
+        """ONNX Runtime and onnx (the file check), not torch: its processes stay small and start fast."""
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
 
-        super().preload()
+        import deploycomp.export  # noqa: F401
 
     @classmethod
     def resolve_device(cls, options: RunnerOptions) -> str:
@@ -401,7 +417,8 @@ class OrtRunner(Runner):
                   f"{path} has a dynamic input shape {dims}; give the image size with --input-size HxW", UsageError)
         self.input_shape = tuple(int(d) for d in rest)
         precision = side.get("precision") or {"float16": "fp16", "float32": "fp32"}.get(self.dtype, self.dtype)
-        threads = self.options.threads  # None: ORT's default (one thread per physical core)
+        # None: ORT's default, one intra-op thread per physical core (the cores this process may use)
+        threads = self.options.threads or _ort_default_threads()
         self.info = {"label": side.get("label") or Path(self.artifact).stem, "arch": side.get("arch"),
                      "input_shape": list(self.input_shape), "precision": precision, "provider": provider,
                      "execution_providers": active, "macs": side.get("macs"),
@@ -451,6 +468,25 @@ class OrtRunner(Runner):
 
 def _noop() -> None:
     return None
+
+
+def _ort_default_threads() -> int:
+    """The intra-op threads ONNX Runtime uses by default: one per physical core this process may run on."""
+    import os
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f, \
+                    open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as g:
+                cores.add((g.read().strip(), f.read().strip()))
+        except OSError:
+            cores.add(("?", str(cpu)))
+    return max(1, len(cores))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,11 +51,18 @@ def nvidia_driver() -> str | None:
     return next((p for p in parts if p[:1].isdigit() and "." in p), first.strip() or None)
 
 
+def _torch():
+    """torch when this process has imported it, else None (a benchmark process of ONNX Runtime stays torch-free)."""
+    import sys
+
+    return sys.modules.get("torch")
+
+
 @functools.lru_cache(maxsize=1)
 def _static() -> dict[str, Any]:
-    import torch
-
     from deploycomp import __version__
+
+    torch = _torch()
 
     return {
         "deploycomp": __version__,
@@ -65,24 +72,24 @@ def _static() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable_cpus(),
-        "torch": torch.__version__,
+        "torch": torch.__version__ if torch else _version("torch"),
         "torchvision": _version("torchvision"),
         "onnxruntime": _version("onnxruntime-gpu", "onnxruntime"),
         "tensorrt": _version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-        "torch_cuda_build": torch.version.cuda,  # the CUDA torch was built against (None for CPU builds)
+        # the CUDA torch was built against (None for CPU builds, and where torch was not imported)
+        "torch_cuda_build": torch.version.cuda if torch else None,
         "driver": nvidia_driver(),
     }
 
 
 def capture(device: str = "cpu") -> dict[str, Any]:
     """Environment facts for a result on ``device`` (``cpu`` or ``cuda:N``)."""
-    import torch
-
+    torch = _torch()
     env = dict(_static())
     env["time_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    env["torch_threads"] = torch.get_num_threads()
+    env["torch_threads"] = torch.get_num_threads() if torch else None
     env["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
-    if device.startswith("cuda") and torch.cuda.is_available():
+    if device.startswith("cuda") and torch is not None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         env.update({"device_name": props.name, "compute_capability": f"{props.major}.{props.minor}",
                     "cuda_runtime": torch.version.cuda,

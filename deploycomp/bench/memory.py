@@ -1,42 +1,76 @@
-"""Memory measurement, and the fresh process each memory-measured benchmark runs in.
+"""What a model costs in memory on its runtime, measured where nothing else moves the figure.
 
-Peaks are process-wide high-water marks (``ru_maxrss``, torch's peak allocator stats), so two
-backends measured in one process would contaminate each other. With ``--memory`` every
-(artifact, batch) therefore also runs in its own ``python -m deploycomp.bench.memory`` child (a short
-run: :data:`MEMORY_RUN`), which reports its memory back through a JSON file; the latencies and
-speed-ups still come from the interleaved rounds of the parent process.
+Every (artifact, batch) is measured in a fresh process of its own (:mod:`deploycomp.bench.worker`) that
+imports only its backend's libraries: an ONNX Runtime or TensorRT process never imports torch (which
+alone is hundreds of MiB of resident memory), a torch process imports torch. Inside it:
+
+1. imports, then the *baseline*: the process's resident set size (``VmRSS`` from ``/proc/self/status``);
+2. load (session or engine built, checkpoint rebuilt): ``load_peak_rss_mib`` is the peak RSS while loading
+   minus the baseline (the peak is reset first through ``/proc/self/clear_refs``, so it is this step's own),
+   ``loaded_rss_mib`` the RSS once loaded minus the baseline;
+3. input created, warmup and timed runs: ``run_peak_rss_mib`` is the peak while running minus the baseline,
+   ``steady_rss_mib`` the RSS after the runs minus the baseline: the weights as the runtime holds them
+   (prepacked, in its arena), its activation buffers, the input and the output. This is the figure a
+   deployer budgets for, and the one comparisons use.
+
+What the runtimes report themselves is added where they report it: torch's parameters and buffers counted
+exactly (``weights_mib``), the CUDA caching allocator's peaks (``torch_peak_allocated_mib`` /
+``torch_peak_reserved_mib``), NVML's process memory, TensorRT's engine device memory
+(``device_memory_size_v2``, else ``device_memory_size``) and file size. ONNX Runtime's Python API reports no
+arena statistics, so its figures are the process's.
+
+Each (artifact, batch) is measured ``MEMORY_REPEATS`` times, the artifacts in alternating order (A B | B A
+| A B), and the median reported with the range; a reduction between two models is paired repeat by repeat.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from deploycomp.errors import DeploycompError
-
-MEMORY_RUN = {"rounds": 1, "iters": 20, "duration_s": None}  # timing options of a memory-only child run
+MEMORY_RUN = {"rounds": 1, "iters": 20, "duration_s": None}  # timing options of a memory run
+MEMORY_REPEATS = 3  # fresh processes per (artifact, batch)
+FIGURES = ("load_peak_rss_mib", "loaded_rss_mib", "run_peak_rss_mib", "steady_rss_mib")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def rss_mib() -> float | None:
     """Current resident set size of this process (Linux /proc; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib is not None else None
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process since start or since :func:`reset_peak` (MiB)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``5`` to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def nvml_process_memory_mib(device_index: int) -> float | None:
@@ -59,65 +93,110 @@ def nvml_process_memory_mib(device_index: int) -> float | None:
     return None
 
 
-def collect(runner, baseline_rss_mib: float | None) -> dict[str, Any]:
-    """Every memory figure available for ``runner`` after its timed run (units: MiB)."""
-    peak = peak_rss_mib()
-    out: dict[str, Any] = {
-        "host_peak_rss_mib": peak,
-        "host_rss_before_load_mib": baseline_rss_mib,
-        "host_peak_rss_delta_mib": peak - baseline_rss_mib if baseline_rss_mib is not None else None,
-        "torch_peak_allocated_mib": None,
-        "torch_peak_reserved_mib": None,
-        "trt_engine_device_memory_mib": None,
-        "trt_engine_file_mib": None,
-        "trt_engine_weights_mib": None,
-        "nvml_process_memory_mib": None,
-    }
-    out.update(runner.memory())
-    if runner.device.startswith("cuda"):
-        out["nvml_process_memory_mib"] = nvml_process_memory_mib(int(runner.device.split(":")[1]))
-    return out
+# --------------------------------------------------------------------------------------------------
+# Inside the fresh process
+
+
+def measure_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Measure one artifact at one batch size (the job's first), following the steps in the module doc."""
+    import gc
+
+    from deploycomp.bench import BenchConfig
+    from deploycomp.bench.backends import get_backend
+    from deploycomp.bench.timing import TimingConfig, measure_rounds
+
+    (artifact, backend), = job["artifacts"]
+    cfg = BenchConfig(**{**job["config"], "batches": tuple(job["config"]["batches"]), "pin_cores": None})
+    batch = cfg.batches[0]
+    runner_cls = get_backend(backend)
+    runner_cls.preload()
+    options = cfg.runner_options()
+    runner = runner_cls(artifact, options)
+    gc.collect()
+    base = rss_mib()
+    resettable = reset_peak()
+    with runner:
+        load_peak, loaded = peak_rss_mib(), rss_mib()
+        reset_peak()
+        runner.prepare(batch)
+        measure_rounds([runner], TimingConfig(**MEMORY_RUN, warmup_iters=cfg.warmup, warmup_ms=cfg.warmup_ms),
+                       final_reference=False)
+        gc.collect()
+        run_peak, steady = peak_rss_mib(), rss_mib()
+        out: dict[str, Any] = {
+            "baseline_rss_mib": base,
+            "load_peak_rss_mib": load_peak - base if base is not None else None,
+            "loaded_rss_mib": loaded - base if None not in (loaded, base) else None,
+            "run_peak_rss_mib": run_peak - base if base is not None else None,
+            "steady_rss_mib": steady - base if None not in (steady, base) else None,
+            "peaks": "per step" if resettable else "since the process started (this kernel cannot reset them)",
+            "torch_imported": "torch" in sys.modules,
+            "weights_mib": None, "torch_peak_allocated_mib": None, "torch_peak_reserved_mib": None,
+            "trt_engine_device_memory_mib": None, "trt_engine_file_mib": None, "trt_engine_weights_mib": None,
+            "nvml_process_memory_mib": None,
+        }
+        out.update(runner.memory())
+        if runner.device.startswith("cuda"):
+            out["nvml_process_memory_mib"] = nvml_process_memory_mib(int(runner.device.split(":")[1]))
+    return {"memory": out}
 
 
 # --------------------------------------------------------------------------------------------------
-# Fresh-process execution
+# In the parent
 
 
-def run_isolated(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one benchmark job (see :func:`deploycomp.bench.run_job`) in a fresh Python process."""
-    with tempfile.TemporaryDirectory(prefix="deploycomp-bench-") as tmp:
-        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "result.json")
-        job_path.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "deploycomp.bench.memory", str(job_path), str(out_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if out_path.exists():
-            result = json.loads(out_path.read_text())
-            if "error" in result:
-                err = DeploycompError(result["error"])
-                err.exit_code = result.get("exit_code", 1)
-                raise err
-            return result
-        tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr else []
-        what = job["artifacts"][0][0] if "artifacts" in job else job.get("artifact")
-        raise DeploycompError(f"the benchmark process for {what} died (exit code {proc.returncode})"
-                              f"{': ' + tail[0] if tail else ''}")
+def measure(pairs: list[tuple[str, str]], config, repeats: int = MEMORY_REPEATS) -> dict[tuple, dict[str, Any]]:
+    """Memory figures of every (artifact, backend, batch): median over ``repeats`` fresh processes, with ranges.
 
+    Repeat ``i`` measures the artifacts in the given order when ``i`` is even and in reverse when odd, so
+    that no model always comes first (a page cache or a CPU frequency warmed by the previous process).
+    The repeats of every model are kept (``repeats``) for :func:`reductions`.
+    """
+    import dataclasses
+    import statistics
 
-def _main(job_path: str, out_path: str) -> int:
     from deploycomp import console
-    from deploycomp.bench import run_job
-    from deploycomp.files import write_json
+    from deploycomp.bench.worker import run_isolated
 
-    console.set_verbosity(console.QUIET)
-    job = json.loads(Path(job_path).read_text())
-    try:
-        result = run_job(job, measure_memory=True)
-    except DeploycompError as e:
-        write_json(out_path, {"error": str(e), "exit_code": e.exit_code})
-        return 0
-    write_json(out_path, result)
-    return 0
+    base_cfg = {**dataclasses.asdict(config), "memory": False, "pin_cores": None}
+    base_cfg["input_size"] = list(config.input_size) if config.input_size else None
+    runs: dict[tuple, list[dict]] = {}
+    jobs = [(a, b, batch) for a, b in pairs for batch in config.batches]
+    with console.status_line(f"memory: {len(jobs)} measurement{'s' if len(jobs) > 1 else ''} x {repeats}, "
+                             "each in a fresh process") as show:
+        for i in range(repeats):
+            for k, (artifact, backend, batch) in enumerate(jobs if i % 2 == 0 else jobs[::-1]):
+                show(f"repeat {i + 1}/{repeats}, {k + 1}/{len(jobs)}")
+                job = {"kind": "memory", "artifacts": [[str(artifact), backend]],
+                       "config": {**base_cfg, "batches": [batch]}}
+                runs.setdefault((str(artifact), backend, batch), []).append(run_isolated(job)["memory"])
+    out = {}
+    for key, reps in runs.items():
+        fig = dict(reps[0])
+        for name in FIGURES:
+            values = [r[name] for r in reps if r.get(name) is not None]
+            fig[name] = statistics.median(values) if values else None
+            fig[f"{name[:-4]}_range_mib"] = [min(values), max(values)] if values else None
+        fig["repeats"] = [{k: r.get(k) for k in FIGURES} for r in reps]
+        out[key] = fig
+    return out
 
 
-if __name__ == "__main__":
-    sys.exit(_main(*sys.argv[1:3]))
+def reductions(results: list[dict]) -> None:
+    """Steady-state memory reduction of each result against its reference, paired repeat by repeat, in place.
+
+    ``memory_reduction_pct`` = 100 x (1 - this / reference) from the medians; ``memory_reduction_range_pct``
+    the range of the per-repeat reductions (repeat i of the reference against repeat i of this model).
+    """
+    by_label = {(r["label"], r["backend"], r["batch"], r.get("device")): r for r in results}
+    for r in results:
+        mem = r.get("memory") or {}
+        ref = by_label.get((r.get("reference"), r["backend"], r["batch"], r.get("device")))
+        ref_mem = (ref or {}).get("memory") or {}
+        if not mem.get("steady_rss_mib") or not ref_mem.get("steady_rss_mib") or ref is r:
+            continue
+        mem["memory_reduction_pct"] = 100.0 * (1.0 - mem["steady_rss_mib"] / ref_mem["steady_rss_mib"])
+        pairs = zip(ref_mem.get("repeats") or [], mem.get("repeats") or [], strict=False)
+        per = [100.0 * (1.0 - b["steady_rss_mib"] / a["steady_rss_mib"]) for a, b in pairs
+               if a.get("steady_rss_mib") and b.get("steady_rss_mib")]
+        mem["memory_reduction_range_pct"] = [min(per), max(per)] if per else None

@@ -42,13 +42,14 @@ class Speedup:
     """The paired speed-up of a candidate against a reference (reference latency / candidate latency)."""
 
     speedup: float  # geometric mean over rounds of the per-round ratio of block medians
-    ci95: tuple[float, float] | None  # percentile-bootstrap interval over rounds (None: too few rounds)
+    ci95: tuple[float, float] | None  # Student-t interval (None: too few rounds or sessions)
     verdict: str | None  # faster / slower / same (None without an interval)
-    rounds: int  # rounds the estimate rests on
+    rounds: int  # rounds the estimate rests on (over all sessions)
+    sessions: int = 1  # sessions (fresh processes) it rests on; 1: the interval is over one session's rounds
 
     def as_dict(self) -> dict:
         return {"speedup": self.speedup, "speedup_ci95": list(self.ci95) if self.ci95 else None,
-                "verdict": self.verdict, "rounds": self.rounds}
+                "verdict": self.verdict, "rounds": self.rounds, "sessions": self.sessions}
 
 
 def log_ratios(reference: Sequence[float], candidate: Sequence[float]):
@@ -116,6 +117,56 @@ def paired_speedup(reference: Sequence[float], candidate: Sequence[float], *, ma
     lo, hi = mean_interval(d, confidence)
     ci = (math.exp(lo), math.exp(hi))
     return Speedup(est, ci, verdict(est, ci, margin_pct), int(d.size))
+
+
+def across_sessions(session_speedups: Sequence[float], rounds: int, *, margin_pct: float = DEFAULT_MARGIN_PCT,
+                    confidence: float = CONFIDENCE) -> Speedup:
+    """The speed-up over several sessions, each a fresh load of every model (two-level design).
+
+    Rounds inside one session share that session's state (where the weights landed in memory, which
+    cores the threads run on, ...), so a second session of the same pair can land outside the first one's
+    interval. Kalibera & Jones (ISMM 2013) build the interval from the highest level that varies: here the
+    session. Each session gives one paired speed-up (the geometric mean of its round ratios); the estimate
+    is their geometric mean and the interval the Student-t interval of the mean log speed-up over sessions,
+    with sessions - 1 degrees of freedom. With a balanced design this interval already carries the rounds'
+    noise (it is in each session's estimate), so the levels combine without a separate variance term.
+    """
+    logs = [math.log(s) for s in session_speedups]
+    if not logs or min(session_speedups) <= 0:
+        raise ValueError("session speed-ups must be positive")
+    est = math.exp(sum(logs) / len(logs))
+    if len(logs) < 2:
+        return Speedup(est, None, None, rounds, len(logs))
+    lo, hi = mean_interval(logs, confidence)
+    ci = (math.exp(lo), math.exp(hi))
+    return Speedup(est, ci, verdict(est, ci, margin_pct), rounds, len(logs))
+
+
+def geometric_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:
+    """Geometric mean of positive ``values`` (e.g. sessions' median latencies) and its t interval (2+ values)."""
+    logs = [math.log(v) for v in values]
+    lo, hi = mean_interval(logs, confidence)
+    return math.exp(sum(logs) / len(logs)), (math.exp(lo), math.exp(hi))
+
+
+def paired_between(reference: dict, result: dict, margin_pct: float = DEFAULT_MARGIN_PCT) -> Speedup | None:
+    """The paired speed-up of one bench result over another, or None when they were not timed together.
+
+    Both must come from the same bench run (``session``, the run's id). With several sessions the speed-up
+    rests on the sessions (:func:`across_sessions`); with one, on that session's rounds
+    (:func:`paired_speedup`; also bench records of schema 2, which have no ``sessions`` list).
+    """
+    if not reference.get("session") or reference.get("session") != result.get("session"):
+        return None
+    sa, sb = reference.get("sessions") or [], result.get("sessions") or []
+    if len(sa) >= 2 and len(sa) == len(sb):
+        per = [paired_speedup(a["block_medians_ms"], b["block_medians_ms"], margin_pct=margin_pct)
+               for a, b in zip(sa, sb, strict=True)]
+        return across_sessions([p.speedup for p in per], sum(p.rounds for p in per), margin_pct=margin_pct)
+    a, b = reference.get("block_medians_ms") or [], result.get("block_medians_ms") or []
+    if len(a) != len(b) or not a:
+        return None
+    return paired_speedup(a, b, margin_pct=margin_pct)
 
 
 DRIFT_MIN_WINDOW = 3  # rounds at each end of a session that the drift compares (at least)

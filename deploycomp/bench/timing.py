@@ -33,8 +33,8 @@ from deploycomp.errors import check
 DEFAULT_WARMUP_ITERS = 5
 DEFAULT_WARMUP_MS = 200.0
 DEFAULT_MIN_ITERS = 10  # when neither --iters nor --duration-s is given
-DEFAULT_DURATION_S = 1.0
-DEFAULT_ROUNDS = 20  # blocks per artifact; each round times one block of every artifact
+DEFAULT_DURATION_S = 0.3  # per artifact and session (5 sessions by default: 1.5 s in all)
+DEFAULT_ROUNDS = 10  # blocks per artifact and session; each round times one block of every artifact
 NOISY_PCT = 5.0  # the median's 95 % interval reaching further than this from the median: flagged
 ENQUEUE_DOMINATES = 0.8  # enqueue / latency (medians) above which an async device is host-bound
 FEW_ITERS = 10
@@ -52,9 +52,9 @@ class TimingConfig:
 
     warmup_iters: int | None = None  # warmup iterations (default 5)
     warmup_ms: float | None = None  # minimum warmup time in milliseconds (default 200)
-    iters: int | None = None  # timed iterations (per artifact, over all rounds)
-    duration_s: float | None = None  # minimum timed duration in seconds (per artifact, over all rounds)
-    rounds: int | None = None  # blocks per artifact (default 20); 1 = one block each, one after another
+    iters: int | None = None  # timed iterations (per artifact, over all rounds of one session)
+    duration_s: float | None = None  # minimum timed duration in seconds (per artifact and session)
+    rounds: int | None = None  # blocks per artifact and session (default 10); 1 = one block each, one after another
     budget_s: float | None = None  # stop starting new rounds once the timed rounds took this long
 
     def validate(self) -> TimingConfig:
@@ -64,7 +64,7 @@ class TimingConfig:
         check(self.warmup_iters is None or self.warmup_iters >= 0, f"--warmup must be >= 0, got {self.warmup_iters}")
         check(self.warmup_ms is None or self.warmup_ms >= 0, f"--warmup-ms must be >= 0, got {self.warmup_ms}")
         check(self.rounds is None or self.rounds >= 1,
-              f"--rounds must be at least 1, got {self.rounds} (20 is the default; 1 times each artifact once)")
+              f"--rounds must be at least 1, got {self.rounds} (10 is the default; 1 times each artifact once)")
         check(self.budget_s is None or 0 < self.budget_s < math.inf,
               f"--budget-s must be positive and finite, got {self.budget_s}")
         return self
@@ -182,29 +182,31 @@ def statistics(t: Timing, batch: int, asynchronous: bool = False) -> dict[str, A
         "warmup_iterations": t.warmup_iters,
         "warmup_s": t.warmup_s,
     }
-    out["warnings"] = timing_warnings(t, out["latency_median_ms"], enq, ci, asynchronous)
+    out["warnings"] = timing_warnings(out["latency_median_ms"], ci, f"over {t.rounds} rounds", t.iterations,
+                                      t.warmup_iters, enq["median"], asynchronous)
     return out
 
 
-def timing_warnings(t: Timing, median: float, enq: dict, ci: tuple[float, float] | None,
-                    asynchronous: bool) -> list[str]:
+def timing_warnings(median: float, ci: Sequence[float] | None, covers: str, iterations: int, warmup_iters: int,
+                    enqueue_median: float, asynchronous: bool) -> list[str]:
     """Warnings that mean something: each says what is wrong and what to do, and none fires on a good run.
 
-    ``median`` is the median latency reported with its interval ``ci`` (the median of the round medians).
+    ``median`` is the median latency reported with its interval ``ci``, which is ``covers`` (e.g. "over 10
+    rounds", "across 5 sessions"); ``iterations`` and ``warmup_iters`` are those of one session.
     """
     warnings = []
     if ci is not None and median > 0:
         spread = 100.0 * max(median - ci[0], ci[1] - median) / median
         if spread > NOISY_PCT:
             warnings.append(f"the median latency is only known to within {spread:.0f}% (95% interval "
-                            f"[{ci[0]:.3g}, {ci[1]:.3g}] ms over {t.rounds} rounds): the machine is busy or drifting; "
-                            "close other work, pin --threads/--pin-cores, or add --rounds")
-    if t.iterations < FEW_ITERS:
-        warnings.append(f"only {t.iterations} timed iterations: statistics (p99 especially) are unreliable")
-    if t.warmup_iters == 0:
+                            f"[{ci[0]:.3g}, {ci[1]:.3g}] ms {covers}): the machine is busy or drifting; "
+                            "close other work, pin --threads/--pin-cores, or add --sessions")
+    if iterations < FEW_ITERS:
+        warnings.append(f"only {iterations} timed iterations: statistics (p99 especially) are unreliable")
+    if warmup_iters == 0:
         warnings.append("no warmup: first-call costs (allocation, autotuning, compilation) are in the timings")
-    if asynchronous and median > 0 and enq["median"] / median > ENQUEUE_DOMINATES:
-        warnings.append(f"host enqueue time ({enq['median']:.3f} ms) is {100 * enq['median'] / median:.0f}% "
+    if asynchronous and median > 0 and enqueue_median / median > ENQUEUE_DOMINATES:
+        warnings.append(f"host enqueue time ({enqueue_median:.3f} ms) is {100 * enqueue_median / median:.0f}% "
                         "of the latency: the host, not the device, limits this model (launch-bound); "
                         "try a larger batch or --cuda-graph")
     return warnings

@@ -32,15 +32,23 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--warmup-ms", type=float, default=None, metavar="MS",
               help="Minimum warmup time in ms (default 200); with --warmup, both must be reached.")
 @click.option("--iters", type=int, default=None, metavar="N",
-              help="Timed iterations per model, over all rounds. Alone: exactly N; with --duration-s: at least N.")
+              help="Timed iterations per model and session, over its rounds. Alone: exactly N; with --duration-s: "
+                   "at least N.")
 @click.option("--duration-s", type=float, default=None, metavar="S",
-              help="Minimum timed seconds per model, over all rounds. Default (neither given): >= 10 iterations "
-                   "and >= 1 s.")
+              help="Minimum timed seconds per model and session. Default (neither given): >= 10 iterations and "
+                   ">= 0.3 s in each session.")
+@click.option("--sessions", type=int, default=None, metavar="N",
+              help="Sessions (default 5), each a fresh process that loads every model anew and times them in "
+                   "interleaved rounds; intervals are across sessions, so a re-run lands inside them. More "
+                   "sessions: narrower intervals, longer runs. 1: one session in this process (its interval "
+                   "covers its own rounds only).")
 @click.option("--rounds", type=int, default=None, metavar="N",
-              help="Interleaved rounds (default 20): each round times a short block of every model, in an order "
-                   "that changes between rounds, so speed-ups are paired round by round. 1: one after another.")
+              help="Interleaved rounds per session (default 10): each round times a short block of every model, "
+                   "in an order that changes between rounds, so speed-ups are paired round by round. 1: one "
+                   "after another.")
 @click.option("--budget-s", type=float, default=None, metavar="S",
-              help="Start no new round once the timed rounds of a batch size took S seconds (default: no limit).")
+              help="In each session, start no new round once the timed rounds of a batch size took S seconds "
+                   "(default: no limit).")
 @click.option("--margin-pct", type=float, default=None, metavar="PCT",
               help="Speed-ups within PCT % of 1 are 'same' even when significant (default 2).")
 @click.option("--pin-cores", default=None, metavar="CPUS",
@@ -53,7 +61,9 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--cuda-graph", is_flag=True,
               help="Replay a captured CUDA graph: torch on CUDA, or the ORT CUDA EP (enable_cuda_graph).")
 @click.option("--memory", is_flag=True,
-              help="Measure memory (peak RSS, torch/TensorRT/NVML GPU memory); each run in a fresh process.")
+              help="Also measure what each model costs in memory on its runtime: load peak and steady-state RSS "
+                   "above a fresh process's baseline (ONNX Runtime/TensorRT processes without torch), torch "
+                   "weights, CUDA allocator / TensorRT / NVML figures; 3 processes per model, reductions paired.")
 @input_size_option
 @click.option("--arch", default=None, metavar="NAME|FILE.py:FN",
               help="Architecture of a plain state dict, or the user code a checkpoint made from it needs "
@@ -65,11 +75,14 @@ def bench(opts: dict) -> None:
     """Time models properly: warmup, synchronised iterations, statistics, environment.
 
     ARTIFACT is a checkpoint, a zoo model name, an .onnx file or a TensorRT engine (default: the shipped
-    baseline). All are loaded together and timed in interleaved rounds, so the machine's drift lands on
-    every model alike. Several artifacts give a comparison against the first on the same backend and
-    batch: the speed-up (geometric mean of per-round ratios of block medians) with its 95 % interval and a
-    verdict (faster / slower / same), and, when MACs are known for both, speed-up efficiency = speed-up /
-    MACs reduction. Latency excludes host<->device copies unless --io host (which times them separately).
+    baseline). In each session (a fresh process) all are loaded together and timed in interleaved rounds,
+    so the machine's drift lands on every model alike; sessions are repeated (--sessions, default 5)
+    because a model loaded again runs at a slightly different speed, and the intervals are across them:
+    they hold for a re-run on the same machine. Several artifacts give a comparison against the first on
+    the same backend and batch: the speed-up (geometric mean over sessions of each session's paired
+    speed-up) with its 95 % interval and a verdict (faster / slower / same), and, when MACs are known
+    for both, speed-up efficiency = speed-up / MACs reduction. Latency excludes host<->device copies
+    unless --io host (which times them separately).
     """
     from deploycomp import console
     from deploycomp.bench import BenchConfig, benchmark, describe_environment, tables, write_csv, write_json
@@ -84,7 +97,8 @@ def bench(opts: dict) -> None:
                          batches=_batches(opts["batch"]), warmup=opts["warmup"], warmup_ms=opts["warmup_ms"],
                          iters=opts["iters"], duration_s=opts["duration_s"], threads=opts["threads"], io=opts["io"],
                          cuda_graph=opts["cuda_graph"], memory=opts["memory"],
-                         input_size=opts["input_size"], rounds=opts["rounds"], budget_s=opts["budget_s"],
+                         input_size=opts["input_size"], rounds=opts["rounds"], sessions=opts["sessions"],
+                         budget_s=opts["budget_s"],
                          margin_pct=opts["margin_pct"],
                          pin_cores=tuple(parse_cpu_list(opts["pin_cores"])) if opts["pin_cores"] else None,
                          arch=opts["arch"])

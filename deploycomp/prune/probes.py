@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,14 +181,15 @@ class Setup:
 
 @dataclass
 class ModelTiming:
-    """A model timed against the first one of its session (paired speed-up, see docs/bench-schema.md)."""
+    """A model timed against the first one of its run (paired speed-up, see docs/bench-schema.md)."""
 
-    latency_ms: float  # median
+    latency_ms: float  # median (over sessions: the geometric mean of the sessions' medians)
     latency_ci95_ms: list[float] | None
     speedup: float  # reference latency / this latency (1.0 for the reference)
-    speedup_ci95: list[float] | None
+    speedup_ci95: list[float] | None  # across sessions (one session: over its rounds)
     verdict: str | None  # faster / slower / same (None for the reference)
     warnings: list[str]
+    sessions: list[dict] = field(default_factory=list)  # per session: latency_median_ms, speedup, speedup_ci95
 
 
 # The harness settings for single layers: after a short warmup, one iteration per round, 8 rounds. Each
@@ -247,13 +248,16 @@ class Probe:
         """Write ``ckpt`` as what this backend runs (ONNX, engine, checkpoint); return its path."""
         raise NotImplementedError
 
-    def compare(self, artifacts: Sequence[str], setup: Setup, rounds: int | None = None) -> list[ModelTiming]:
-        """Time the artifacts together (interleaved rounds); speed-ups are against the first."""
+    def compare(self, artifacts: Sequence[str], setup: Setup, sessions: int | None = None) -> list[ModelTiming]:
+        """Time the artifacts together with ``deploycomp bench``'s harness: ``sessions`` fresh processes, each
+        timing them in interleaved rounds; speed-ups are against the first, with intervals across sessions."""
         from deploycomp.bench import benchmark
 
-        results = benchmark(list(artifacts), setup.bench_config(rounds=rounds))
+        results = benchmark(list(artifacts), setup.bench_config(sessions=sessions))
         return [ModelTiming(median_ms(r), r.get("latency_median_ci95_ms"), r["speedup"],
-                            r.get("speedup_ci95"), r.get("verdict"), list(r.get("warnings") or []))
+                            r.get("speedup_ci95"), r.get("verdict"), list(r.get("warnings") or []),
+                            [{k: s.get(k) for k in ("latency_median_ms", "speedup", "speedup_ci95")}
+                             for s in r.get("sessions") or []])
                 for r in results]
 
 
