@@ -523,10 +523,32 @@ def write_report(run_dir: str | os.PathLike, formats: Sequence[str] = ("md",), p
     return written
 
 
+# The comparison at the terminal: (key, header). The variant, its top-1 and its speed-up are always shown;
+# SUMMARY_OPTIONAL are left out, in that order, until the table fits the terminal (at 80 columns: the first four).
+SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("variant", "variant"), ("top1_pct", "top-1 %"), ("top1_change_pts", "Δ pts"), ("size_mib", "MiB"),
+    ("macs_m", "MMACs"), ("latency_median_ms", "median ms"), ("latency_p99_ms", "p99 ms"),
+    ("throughput_ips", "img/s"), ("speedup", "speed-up [95%]"), ("verdict", "verdict"),
+)
+SUMMARY_OPTIONAL = ("img/s", "p99 ms", "MMACs", "MiB", "Δ pts", "median ms", "verdict")
+
+
 def summary_rows(s: StudyReport) -> tuple[list[str], list[list[Any]]]:
-    """A narrow version of the comparison table for the terminal."""
-    keys = ("variant", "top1_pct", "top1_change_pts", "size_mib", "macs_m", "latency_median_ms", "speedup",
-            "verdict")
-    heads = ["variant", "top-1 %", "Δ pts", "MiB", "MMACs", "median ms", "speed-up [95%]", "verdict"]
+    """The comparison table for the terminal (print it with ``optional=SUMMARY_OPTIONAL``)."""
     specs = dict((k, spec) for k, _, spec in COLUMNS)
-    return heads, [[fmt(r.get(k), specs[k], r) for k in keys] for r in s.rows]
+    return [h for _, h in SUMMARY_COLUMNS], [[fmt(r.get(k), specs[k], r) for k, _ in SUMMARY_COLUMNS] for r in s.rows]
+
+
+def summary_title(s: StudyReport) -> str:
+    h = s.headline
+    return f"{s.name}: {s.dataset or ''} (latency: {h['backend']} {h['precision']}, batch {h['batch']})"
+
+
+def print_summary(s: StudyReport) -> None:
+    """The comparison table and the study's notes on stdout, fitted to the terminal's width."""
+    from deploycomp import console
+
+    heads, rows = summary_rows(s)
+    console.table(summary_title(s), heads, rows, optional=SUMMARY_OPTIONAL)
+    for n in s.notes:
+        console.result(f"Note: {n}")

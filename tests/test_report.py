@@ -168,3 +168,56 @@ def test_error_bars_never_negative_for_records_whose_median_is_outside_the_inter
             {"latency_median_ms": 1.0, "latency_median_ci95_ms": [0.9, 1.2]}, {"latency_median_ms": 2.0}]
     lo, hi = _interval_err(rows)
     assert lo == pytest.approx([0.064, 0.1, 0.0]) and hi == pytest.approx([0.0, 0.2, 0.0])
+
+
+def _recorded_study():
+    """The rows of benchmarks/results/pipeline_default (ORT FP32, batch 1): a realistic comparison."""
+    from deploycomp.report import StudyReport
+
+    def row(variant, top1, change, mib, macs, median, p99, ips, speedup, ci, verdict):
+        return {"variant": variant, "top1_pct": top1, "top1_change_pts": change, "size_mib": mib, "macs_m": macs,
+                "latency_median_ms": median, "latency_p99_ms": p99, "throughput_ips": ips, "speedup": speedup,
+                "speedup_ci95": ci, "verdict": verdict}
+
+    rows = [row("original", 91.95, 0.0, 10.73, 30.9, 0.792, 1.48, 1104.0, 1.0, None, None),
+            row("magnitude-30", 90.75, -1.2, 5.18, 15.2, 0.388, 0.893, 2108.0, 2.11, [1.99, 2.25], "faster"),
+            row("taylor-50", 88.40, -3.55, 2.73, 7.9, 0.159, 0.429, 4760.0, 5.14, [4.81, 5.49], "faster"),
+            row("depth-25", 91.60, -0.35, 6.22, 26.2, 0.512, 1.016, 1701.0, 1.59, [1.48, 1.71], "faster")]
+    return StudyReport("default", "", "", "fashion-mnist", False, 2000, rows, [],
+                       {"backend": "ort", "precision": "fp32", "batch": 1})
+
+
+def _terminal_table(capsys, monkeypatch, columns: int, study=None) -> list[str]:
+    from deploycomp.report import print_summary
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    print_summary(study or _recorded_study())
+    return capsys.readouterr().out.splitlines()
+
+
+def test_pipeline_table_fits_80_columns_with_whole_names_and_intervals(capsys, monkeypatch):
+    lines = _terminal_table(capsys, monkeypatch, 80)
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    assert lines[0] == "default: fashion-mnist (latency: ort fp32, batch 1)"
+    assert [c.strip() for c in lines[2].strip("┃").split("┃")] == \
+        ["variant", "top-1 %", "Δ pts", "median ms", "speed-up [95%]", "verdict"]
+    body = lines[4:8]
+    assert [line.split("│")[1].strip() for line in body] == ["original", "magnitude-30", "taylor-50", "depth-25"]
+    assert "│ magnitude-30 │   90.75 │ -1.20 │     0.388 │ 2.11 [1.99, 2.25] │  faster │" in body
+    assert len(lines) == 9  # title, 3 header lines, 4 rows (one line each), bottom border
+
+
+def test_pipeline_table_shows_more_columns_on_a_wider_terminal(capsys, monkeypatch):
+    wide = _terminal_table(capsys, monkeypatch, 120)
+    assert [c.strip() for c in wide[2].strip("┃").split("┃")] == \
+        ["variant", "top-1 %", "Δ pts", "MiB", "MMACs", "median ms", "p99 ms", "img/s", "speed-up [95%]", "verdict"]
+    narrow = _terminal_table(capsys, monkeypatch, 50)
+    assert [c.strip() for c in narrow[2].strip("┃").split("┃")] == ["variant", "top-1 %", "speed-up [95%]"]
+
+
+def test_pipeline_table_never_cuts_a_long_variant_name(capsys, monkeypatch):
+    study = _recorded_study()
+    study.rows[1]["variant"] = "magnitude-30-finetuned-for-ten-epochs-lr-0.01"
+    lines = _terminal_table(capsys, monkeypatch, 80, study)
+    assert any("│ magnitude-30-finetuned-for-ten-epochs-lr-0.01 │" in line for line in lines)
+    assert any("2.11 [1.99, 2.25]" in line for line in lines)
