@@ -221,3 +221,57 @@ def test_pipeline_table_never_cuts_a_long_variant_name(capsys, monkeypatch):
     lines = _terminal_table(capsys, monkeypatch, 80, study)
     assert any("│ magnitude-30-finetuned-for-ten-epochs-lr-0.01 │" in line for line in lines)
     assert any("2.11 [1.99, 2.25]" in line for line in lines)
+
+
+def test_pareto_front_is_the_most_accurate_model_within_each_latency_budget():
+    from deploycomp.report import pareto_front
+
+    points = [(1.0, 90.0), (2.0, 92.0), (1.5, 89.0), (3.0, 91.0), (0.5, 85.0), (1.0, 88.0), (2.0, 92.0)]
+    assert pareto_front(points) == [4, 0, 1]
+    assert pareto_front([]) == [] and pareto_front([(1.0, 1.0)]) == [0]
+
+
+# (variant, backend, precision, format, top-1 %, median ms, 95 % interval) of pipeline_default at batch 1
+RECORDED_LATENCY = [
+    ("original", "torch", "fp32", "pt", 91.95, 5.087, (5.051, 5.104)),
+    ("original", "ort", "fp32", "onnx", 91.95, 0.792, (0.741, 0.886)),
+    ("original", "ort", "int8", "onnx", 92.00, 0.243, (0.242, 0.244)),
+    ("magnitude-30", "torch", "fp32", "pt", 90.75, 3.002, (2.955, 3.092)),
+    ("magnitude-30", "ort", "fp32", "onnx", 90.75, 0.388, (0.380, 0.405)),
+    ("magnitude-30", "ort", "int8", "onnx", 90.75, 0.163, (0.162, 0.165)),
+    ("taylor-50", "torch", "fp32", "pt", 88.40, 1.915, (1.825, 1.997)),
+    ("taylor-50", "ort", "fp32", "onnx", 88.40, 0.159, (0.158, 0.160)),
+    ("taylor-50", "ort", "int8", "onnx", 88.65, 0.110, (0.109, 0.110)),
+    ("depth-25", "torch", "fp32", "pt", 91.60, 3.360, (3.319, 3.405)),
+    ("depth-25", "ort", "fp32", "onnx", 91.60, 0.512, (0.494, 0.549)),
+    ("depth-25", "ort", "int8", "onnx", 91.55, 0.206, (0.205, 0.208)),
+]
+
+
+def test_accuracy_vs_latency_has_a_log_axis_labels_that_do_not_overlap_and_a_front_per_backend():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deploycomp.report import _overlap, accuracy_latency_figure
+
+    lat = [{"variant": v, "backend": b, "precision": p, "format": f, "top1_pct": t, "latency_median_ms": m,
+            "latency_median_ci95_ms": list(ci), "batch": 1, "device": "cpu"}
+           for v, b, p, f, t, m, ci in RECORDED_LATENCY]
+    study = _recorded_study()
+    fig = accuracy_latency_figure(study, lat, "top-1 (%)")
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    texts = [t for t in ax.texts if t.get_text() in {r[0] for r in RECORDED_LATENCY}]
+    assert sorted(t.get_text() for t in texts) == sorted(r[0] for r in RECORDED_LATENCY)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    frame = ax.get_window_extent(renderer)
+    assert all(_overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    fronts = {line.get_label(): list(line.get_xdata()) for line in ax.lines if "Pareto" in line.get_label()}
+    assert fronts == {"ort: Pareto front": [0.110, 0.163, 0.206, 0.243],
+                      "torch: Pareto front": [1.915, 3.002, 3.360, 5.087]}
+    plt.close(fig)
