@@ -44,6 +44,15 @@ def result(message: str) -> None:
     print(message, flush=True)
 
 
+def wrapped(text: str, indent: str = "  ") -> str:
+    """``text`` wrapped to the terminal's width (``COLUMNS`` where set, else 80 off a terminal)."""
+    import shutil
+    import textwrap
+
+    return textwrap.fill(text, width=shutil.get_terminal_size().columns, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def _rich_console(stderr: bool = False):
     from rich.console import Console
 

@@ -663,4 +663,4 @@ def print_summary(s: StudyReport) -> None:
     heads, rows = summary_rows(s)
     console.table(summary_title(s), heads, rows, optional=SUMMARY_OPTIONAL)
     for n in s.notes:
-        console.result(f"Note: {n}")
+        console.result(console.wrapped(f"Note: {n}"))

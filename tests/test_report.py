@@ -184,7 +184,8 @@ def _recorded_study():
             row("taylor-50", 88.40, -3.55, 2.73, 7.9, 0.159, 0.429, 4760.0, 5.14, [4.81, 5.49], "faster"),
             row("depth-25", 91.60, -0.35, 6.22, 26.2, 0.512, 1.016, 1701.0, 1.59, [1.48, 1.71], "faster")]
     return StudyReport("default", "", "", "fashion-mnist", False, 2000, rows, [],
-                       {"backend": "ort", "precision": "fp32", "batch": 1})
+                       {"backend": "ort", "precision": "fp32", "batch": 1},
+                       ["TensorRT is not installed here: no engines were built and the trt backend was not measured"])
 
 
 def _terminal_table(capsys, monkeypatch, columns: int, study=None) -> list[str]:
@@ -204,7 +205,9 @@ def test_pipeline_table_fits_80_columns_with_whole_names_and_intervals(capsys, m
     body = lines[4:8]
     assert [line.split("│")[1].strip() for line in body] == ["original", "magnitude-30", "taylor-50", "depth-25"]
     assert "│ magnitude-30 │   90.75 │ -1.20 │     0.388 │ 2.11 [1.99, 2.25] │  faster │" in body
-    assert len(lines) == 9  # title, 3 header lines, 4 rows (one line each), bottom border
+    assert len(lines) == 11  # title, 3 header lines, 4 rows (one line each), bottom border, the note (2 lines)
+    assert lines[9:] == ["Note: TensorRT is not installed here: no engines were built and the trt backend",
+                         "  was not measured"]
 
 
 def test_pipeline_table_shows_more_columns_on_a_wider_terminal(capsys, monkeypatch):
