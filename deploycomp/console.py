@@ -44,22 +44,63 @@ def result(message: str) -> None:
     print(message, flush=True)
 
 
+def wrapped(text: str, indent: str = "  ") -> str:
+    """``text`` wrapped to the terminal's width (``COLUMNS`` where set, else 80 off a terminal)."""
+    import shutil
+    import textwrap
+
+    return textwrap.fill(text, width=shutil.get_terminal_size().columns, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def _rich_console(stderr: bool = False):
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Print a table of results on stdout."""
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+          optional: Sequence[str] | None = None) -> None:
+    """Print a table of results on stdout.
+
+    Without ``optional``, rich wraps cells to fit the terminal. With it, no cell is ever wrapped or cut:
+    the columns named in ``optional`` are left out, in that order, until the table fits the terminal
+    (``COLUMNS`` where set); a table whose other columns do not fit is printed wider than the terminal.
+    """
     from rich.table import Table
 
+    cells = [[fmt(v) for v in r] for r in rows]
+    console = _rich_console()
+    keep = list(range(len(columns)))
+    if optional is not None:
+        keep = fitting_columns(columns, cells, optional, console.width)
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c, justify="left" if c == columns[0] else "right")
-    for r in rows:
-        t.add_row(*[fmt(v) for v in r])
-    _rich_console().print(t)
+    for i in keep:
+        t.add_column(columns[i], justify="left" if i == 0 else "right", no_wrap=optional is not None)
+    for r in cells:
+        t.add_row(*[r[i] for i in keep])
+    if optional is not None:
+        console.width = max(console.width, table_width(columns, cells, keep))
+    console.print(t)
+
+
+def table_width(columns: Sequence[str], cells: Sequence[Sequence[str]], keep: Sequence[int]) -> int:
+    """Characters per line of a rich table (default box) whose columns ``keep`` are shown unwrapped."""
+    from rich.cells import cell_len
+
+    widths = [max(cell_len(s) for s in [columns[i], *(r[i] for r in cells)]) for i in keep]
+    return sum(w + 2 for w in widths) + len(widths) + 1  # one space either side of a cell; a border between
+
+
+def fitting_columns(columns: Sequence[str], cells: Sequence[Sequence[str]], optional: Sequence[str],
+                    width: int) -> list[int]:
+    """Indices of the columns to show: the optional ones left out, in order, until the table fits ``width``."""
+    keep = list(range(len(columns)))
+    for name in optional:
+        if table_width(columns, cells, keep) <= width:
+            break
+        keep.remove(columns.index(name))
+    return keep
 
 
 def fmt(value: Any) -> str:

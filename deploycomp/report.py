@@ -14,7 +14,9 @@ together), the speed-up is paired round by round, with its 95 % interval and a v
 (:func:`deploycomp.bench.paired.paired_speedup`); runs recorded before that have plain ratios.
 
 Plots (PNG, one set per study): accuracy vs MACs, accuracy vs latency, latency vs batch, with the 95 %
-intervals of the median latencies as error bars where they were measured.
+intervals of the median latencies as error bars where they were measured. Accuracy vs latency has a log
+latency axis (ONNX Runtime and PyTorch points differ tenfold), one colour per backend with its Pareto front,
+and every point labelled where the label overlaps no other.
 """
 
 from __future__ import annotations
@@ -402,9 +404,81 @@ def json_doc(run: dict[str, Any], studies: list[StudyReport]) -> dict[str, Any]:
 # Plots
 
 
-def _label_points(ax, xs, ys, names) -> None:
-    for x, y, n in zip(xs, ys, names, strict=True):
-        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+# Where a point's label may go, in points from the point, tried in order (right, left, above, below, ...);
+# the first that overlaps no other label, no marker and stays inside the axes is taken.
+LABEL_OFFSETS: tuple[tuple[int, int], ...] = (
+    (6, 4), (6, -12), (-6, 4), (-6, -12), (0, 9), (0, -17), (12, 14), (12, -22), (-12, 14), (-12, -22),
+    (0, 22), (0, -30), (20, 0), (-20, 0),
+)
+
+
+def label_points(ax, xs, ys, names) -> list:
+    """Label every point with its name where the label overlaps no other label or marker (when it can).
+
+    Greedy, in display space: each label takes the first of :data:`LABEL_OFFSETS` that is free, else the
+    one that overlaps least. Call it after the axes' limits, scales and layout are final. Returns the texts.
+    """
+    fig = ax.figure
+    fig.canvas.draw()  # limits, scales and layout settled: display coordinates are final
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    markers = [_box_around(to_px((x, y)), 4.0) for x, y in zip(xs, ys, strict=True)]
+    if ax.get_legend() is not None:
+        markers.append(ax.get_legend().get_window_extent(renderer))
+    frame = ax.get_window_extent(renderer)
+    placed: list = []
+    texts = []
+    for (x, y), name in zip(zip(xs, ys, strict=True), names, strict=True):
+        best = None
+        for dx, dy in LABEL_OFFSETS:
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha="left" if dx > 0 else "right" if dx < 0 else "center", annotation_clip=False)
+            text.set_in_layout(False)
+            box = text.get_window_extent(renderer)
+            cost = sum(_overlap(box, b) for b in (*placed, *markers)) + _outside(box, frame)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, text, box)
+            else:
+                text.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
+        texts.append(best[1])
+    return texts
+
+
+def _box_around(xy, half: float):
+    from matplotlib.transforms import Bbox
+
+    return Bbox.from_extents(xy[0] - half, xy[1] - half, xy[0] + half, xy[1] + half)
+
+
+def _overlap(a, b) -> float:
+    """Area (pixels²) two boxes share."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _outside(box, frame) -> float:
+    """Area (pixels²) of ``box`` outside ``frame``."""
+    return box.width * box.height - _overlap(box, frame)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (latency, accuracy) points no other point beats, fastest first.
+
+    A point is on the front when every faster point is less accurate: the most accurate model within each
+    latency budget.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front: list[int] = []
+    for i in order:
+        if not front or points[i][1] > points[front[-1]][1]:
+            front.append(i)
+    return front
 
 
 def _interval_err(rows: list[dict]):
@@ -416,6 +490,54 @@ def _interval_err(rows: list[dict]):
     hi = [max(0.0, r["latency_median_ci95_ms"][1] - r["latency_median_ms"]) if r.get("latency_median_ci95_ms")
           else 0.0 for r in rows]
     return [lo, hi]
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")  # one per precision and format of a backend
+
+
+def accuracy_latency_figure(s: StudyReport, lat: list[dict], acc_label: str):
+    """Accuracy vs latency (log axis): one colour per backend, one marker per precision, each backend's
+    Pareto front as a dashed staircase, every point labelled without overlaps."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    backends = sorted({r["backend"] for r in lat})
+    styles = sorted({(r["precision"], r["format"]) for r in lat})
+    for b, backend in enumerate(backends):
+        color = colors[b % len(colors)]
+        mine = [r for r in lat if r["backend"] == backend]
+        for key in styles:
+            rs = [r for r in mine if (r["precision"], r["format"]) == key]
+            if rs:
+                ax.errorbar([r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
+                            xerr=_interval_err(rs), fmt=MARKERS[styles.index(key) % len(MARKERS)], color=color,
+                            capsize=3, label=f"{backend} {key[0]} ({key[1]})")
+        front = [mine[i] for i in pareto_front([(r["latency_median_ms"], r["top1_pct"]) for r in mine])]
+        ax.step([r["latency_median_ms"] for r in front], [r["top1_pct"] for r in front], where="post",
+                linestyle="--", color=color, alpha=0.6, label=f"{backend}: Pareto front")
+    _log_x(ax)
+    ax.set_xlabel(f"median latency (ms, log scale) at batch {s.headline['batch']}, {lat[0].get('device')} "
+                  "(bars: 95% interval)")
+    ax.set_ylabel(acc_label)
+    ax.set_title(f"{s.name}: accuracy vs latency")
+    ax.grid(alpha=0.3, which="both")
+    ax.margins(x=0.12, y=0.12)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    label_points(ax, [r["latency_median_ms"] for r in lat], [r["top1_pct"] for r in lat], [r["variant"] for r in lat])
+    return fig
+
+
+def _log_x(ax) -> None:
+    """A log x axis ticked at 1, 2, 5 x 10^k and labelled as plain numbers (0.2, 1, 5)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    axis = ax.xaxis
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
@@ -443,31 +565,21 @@ def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.scatter([r["macs_m"] for r in pts[1:]], [r["top1_pct"] for r in pts[1:]], label="variants")
         ax.scatter([pts[0]["macs_m"]], [pts[0]["top1_pct"]], marker="*", s=160, color="black", label=pts[0]["variant"])
-        _label_points(ax, [r["macs_m"] for r in pts], [r["top1_pct"] for r in pts], [r["variant"] for r in pts])
         ax.set_xlabel("MACs per image (millions; FLOPs = 2 x MACs)")
         ax.set_ylabel(acc_label)
         ax.set_title(f"{s.name}: accuracy vs MACs")
         ax.grid(alpha=0.3)
+        ax.margins(x=0.12, y=0.12)
         ax.legend(fontsize=8)
+        fig.tight_layout()
+        label_points(ax, [r["macs_m"] for r in pts], [r["top1_pct"] for r in pts], [r["variant"] for r in pts])
         save(fig, "accuracy_vs_macs")
 
     batch = s.headline["batch"]
     lat = [r for r in s.latency_rows if r["batch"] == batch and r.get("top1_pct") is not None
            and r.get("latency_median_ms") is not None]
     if lat:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        series = sorted({(r["backend"], r["precision"], r["format"]) for r in lat})
-        for key in series:
-            rs = [r for r in lat if (r["backend"], r["precision"], r["format"]) == key]
-            ax.errorbar([r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
-                        xerr=_interval_err(rs), fmt="o", capsize=3, label=f"{key[0]} {key[1]} ({key[2]})")
-            _label_points(ax, [r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
-                          [r["variant"] for r in rs])
-        ax.set_xlabel(f"median latency (ms) at batch {batch}, {lat[0].get('device')} (bars: 95% interval)")
-        ax.set_ylabel(acc_label)
-        ax.set_title(f"{s.name}: accuracy vs latency")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig = accuracy_latency_figure(s, lat, acc_label)
         save(fig, "accuracy_vs_latency")
 
     combos = sorted({(r["backend"], r["precision"], r["format"]) for r in s.latency_rows})
@@ -523,10 +635,32 @@ def write_report(run_dir: str | os.PathLike, formats: Sequence[str] = ("md",), p
     return written
 
 
+# The comparison at the terminal: (key, header). The variant, its top-1 and its speed-up are always shown;
+# SUMMARY_OPTIONAL are left out, in that order, until the table fits the terminal (at 80 columns: the first four).
+SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("variant", "variant"), ("top1_pct", "top-1 %"), ("top1_change_pts", "Δ pts"), ("size_mib", "MiB"),
+    ("macs_m", "MMACs"), ("latency_median_ms", "median ms"), ("latency_p99_ms", "p99 ms"),
+    ("throughput_ips", "img/s"), ("speedup", "speed-up [95%]"), ("verdict", "verdict"),
+)
+SUMMARY_OPTIONAL = ("img/s", "p99 ms", "MMACs", "MiB", "Δ pts", "median ms", "verdict")
+
+
 def summary_rows(s: StudyReport) -> tuple[list[str], list[list[Any]]]:
-    """A narrow version of the comparison table for the terminal."""
-    keys = ("variant", "top1_pct", "top1_change_pts", "size_mib", "macs_m", "latency_median_ms", "speedup",
-            "verdict")
-    heads = ["variant", "top-1 %", "Δ pts", "MiB", "MMACs", "median ms", "speed-up [95%]", "verdict"]
+    """The comparison table for the terminal (print it with ``optional=SUMMARY_OPTIONAL``)."""
     specs = dict((k, spec) for k, _, spec in COLUMNS)
-    return heads, [[fmt(r.get(k), specs[k], r) for k in keys] for r in s.rows]
+    return [h for _, h in SUMMARY_COLUMNS], [[fmt(r.get(k), specs[k], r) for k, _ in SUMMARY_COLUMNS] for r in s.rows]
+
+
+def summary_title(s: StudyReport) -> str:
+    h = s.headline
+    return f"{s.name}: {s.dataset or ''} (latency: {h['backend']} {h['precision']}, batch {h['batch']})"
+
+
+def print_summary(s: StudyReport) -> None:
+    """The comparison table and the study's notes on stdout, fitted to the terminal's width."""
+    from deploycomp import console
+
+    heads, rows = summary_rows(s)
+    console.table(summary_title(s), heads, rows, optional=SUMMARY_OPTIONAL)
+    for n in s.notes:
+        console.result(console.wrapped(f"Note: {n}"))

@@ -273,6 +273,53 @@ def test_cli_latency_target_writes_record_and_summary(cli, tmp_path):
     record = json.loads((tmp_path / "out.pt.json").read_text())
     assert record["params"]["measured"] is True and record["params"]["latency_backend"] == "fake-latency"
     assert record["latency"]["within_tolerance"] and record["latency"]["table"]["entries"]
+    bench = "deploycomp bench light_resnet18 out.pt --backend fake-latency --device cpu --batch 1 --threads 1"
+    assert record["latency"]["reproduce"]["commands"] == [bench] and record["latency"]["reproduce"]["bench"] == bench
+    lines = r.stdout.splitlines()
+    at = lines.index("The latency target holds for the search's conditions: fake-latency on cpu (batch 1, 1 thread).")
+    assert lines[at + 1].startswith("bench's defaults differ: prune searches at 1 thread unless --latency-threads")
+    assert lines[at + 3] == f"  {bench}"
+    assert lines[at + 4].startswith("Note: bench rebuilds light_resnet18 from its name, without --data synthetic")
+
+
+def test_bench_commands_export_or_build_both_models_as_the_search_did():
+    from deploycomp.checkpoint import default_model
+    from deploycomp.prune.latency import bench_commands
+
+    ort = bench_commands(Setup("ort", "cpu", 1, 1), None, {"weights": None}, "runs/p 2x.pt")
+    assert ort == {"commands": [
+        f"deploycomp export --model {default_model()} --batch 1 -o 'runs/p 2x-original.onnx'",
+        "deploycomp export --model 'runs/p 2x.pt' --batch 1 -o 'runs/p 2x.onnx'",
+        "deploycomp bench 'runs/p 2x-original.onnx' 'runs/p 2x.onnx' --backend ort --device cpu --batch 1 --threads 1"],
+        "bench": "deploycomp bench 'runs/p 2x-original.onnx' 'runs/p 2x.onnx' --backend ort --device cpu --batch 1 "
+                 "--threads 1", "caveat": None}
+    trt = bench_commands(Setup("trt", "cuda:1", 4, None), "resnet18",
+                         {"num_classes": 10, "model_kwargs": {"width": 0.5}, "input_size": (64, 48)}, "p.pt")
+    assert trt["commands"] == [
+        "deploycomp export --model resnet18 --num-classes 10 --model-kwargs '{\"width\":0.5}' --input-size 64x48 "
+        "--batch 4 -o p-original.onnx",
+        "deploycomp export --model p.pt --input-size 64x48 --batch 4 -o p.onnx",
+        "deploycomp build p-original.onnx -p fp32 --min-batch 4 --opt-batch 4 --max-batch 4 --gpu 1 "
+        "-o p-original.engine",
+        "deploycomp build p.onnx -p fp32 --min-batch 4 --opt-batch 4 --max-batch 4 --gpu 1 -o p.engine",
+        "deploycomp bench p-original.engine p.engine --backend trt --device cuda:1 --batch 4"]
+    torch_ = bench_commands(Setup("torch", "cpu", 8, 2), "base.pt", {"input_size": (32, 32), "weights": "w.pth"},
+                            "p.pt")
+    assert torch_ == {"commands": [torch_["bench"]], "caveat": None,
+                      "bench": "deploycomp bench base.pt p.pt --backend torch --device cpu --batch 8 --threads 2 "
+                               "--input-size 32x32"}
+    fresh = bench_commands(Setup("torch", "cpu", 1, 1), "resnet18", {"in_channels": 1}, "p.pt")
+    assert fresh["caveat"] == ("bench rebuilds resnet18 from its name, without --in-channels 1; if that changes the "
+                               "network, bench a checkpoint of the original instead")
+
+
+def test_prune_help_says_where_a_measured_target_holds(cli):
+    import re
+
+    text = re.sub(r"\s+", " ", cli("prune", "--help").stdout)
+    assert "It holds for the search's conditions only: backend, device, batch and threads (default: ort, CPU, " \
+           "batch 1, one thread, while bench defaults to every core)" in text
+    assert "Default: 1, not bench's every core: reproducible on a shared machine" in text
 
 
 @pytest.mark.parametrize(("args", "fragments", "code"), [

@@ -168,3 +168,113 @@ def test_error_bars_never_negative_for_records_whose_median_is_outside_the_inter
             {"latency_median_ms": 1.0, "latency_median_ci95_ms": [0.9, 1.2]}, {"latency_median_ms": 2.0}]
     lo, hi = _interval_err(rows)
     assert lo == pytest.approx([0.064, 0.1, 0.0]) and hi == pytest.approx([0.0, 0.2, 0.0])
+
+
+def _recorded_study():
+    """The rows of benchmarks/results/pipeline_default (ORT FP32, batch 1): a realistic comparison."""
+    from deploycomp.report import StudyReport
+
+    def row(variant, top1, change, mib, macs, median, p99, ips, speedup, ci, verdict):
+        return {"variant": variant, "top1_pct": top1, "top1_change_pts": change, "size_mib": mib, "macs_m": macs,
+                "latency_median_ms": median, "latency_p99_ms": p99, "throughput_ips": ips, "speedup": speedup,
+                "speedup_ci95": ci, "verdict": verdict}
+
+    rows = [row("original", 91.95, 0.0, 10.73, 30.9, 0.792, 1.48, 1104.0, 1.0, None, None),
+            row("magnitude-30", 90.75, -1.2, 5.18, 15.2, 0.388, 0.893, 2108.0, 2.11, [1.99, 2.25], "faster"),
+            row("taylor-50", 88.40, -3.55, 2.73, 7.9, 0.159, 0.429, 4760.0, 5.14, [4.81, 5.49], "faster"),
+            row("depth-25", 91.60, -0.35, 6.22, 26.2, 0.512, 1.016, 1701.0, 1.59, [1.48, 1.71], "faster")]
+    return StudyReport("default", "", "", "fashion-mnist", False, 2000, rows, [],
+                       {"backend": "ort", "precision": "fp32", "batch": 1},
+                       ["TensorRT is not installed here: no engines were built and the trt backend was not measured"])
+
+
+def _terminal_table(capsys, monkeypatch, columns: int, study=None) -> list[str]:
+    from deploycomp.report import print_summary
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    print_summary(study or _recorded_study())
+    return capsys.readouterr().out.splitlines()
+
+
+def test_pipeline_table_fits_80_columns_with_whole_names_and_intervals(capsys, monkeypatch):
+    lines = _terminal_table(capsys, monkeypatch, 80)
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    assert lines[0] == "default: fashion-mnist (latency: ort fp32, batch 1)"
+    assert [c.strip() for c in lines[2].strip("┃").split("┃")] == \
+        ["variant", "top-1 %", "Δ pts", "median ms", "speed-up [95%]", "verdict"]
+    body = lines[4:8]
+    assert [line.split("│")[1].strip() for line in body] == ["original", "magnitude-30", "taylor-50", "depth-25"]
+    assert "│ magnitude-30 │   90.75 │ -1.20 │     0.388 │ 2.11 [1.99, 2.25] │  faster │" in body
+    assert len(lines) == 11  # title, 3 header lines, 4 rows (one line each), bottom border, the note (2 lines)
+    assert lines[9:] == ["Note: TensorRT is not installed here: no engines were built and the trt backend",
+                         "  was not measured"]
+
+
+def test_pipeline_table_shows_more_columns_on_a_wider_terminal(capsys, monkeypatch):
+    wide = _terminal_table(capsys, monkeypatch, 120)
+    assert [c.strip() for c in wide[2].strip("┃").split("┃")] == \
+        ["variant", "top-1 %", "Δ pts", "MiB", "MMACs", "median ms", "p99 ms", "img/s", "speed-up [95%]", "verdict"]
+    narrow = _terminal_table(capsys, monkeypatch, 50)
+    assert [c.strip() for c in narrow[2].strip("┃").split("┃")] == ["variant", "top-1 %", "speed-up [95%]"]
+
+
+def test_pipeline_table_never_cuts_a_long_variant_name(capsys, monkeypatch):
+    study = _recorded_study()
+    study.rows[1]["variant"] = "magnitude-30-finetuned-for-ten-epochs-lr-0.01"
+    lines = _terminal_table(capsys, monkeypatch, 80, study)
+    assert any("│ magnitude-30-finetuned-for-ten-epochs-lr-0.01 │" in line for line in lines)
+    assert any("2.11 [1.99, 2.25]" in line for line in lines)
+
+
+def test_pareto_front_is_the_most_accurate_model_within_each_latency_budget():
+    from deploycomp.report import pareto_front
+
+    points = [(1.0, 90.0), (2.0, 92.0), (1.5, 89.0), (3.0, 91.0), (0.5, 85.0), (1.0, 88.0), (2.0, 92.0)]
+    assert pareto_front(points) == [4, 0, 1]
+    assert pareto_front([]) == [] and pareto_front([(1.0, 1.0)]) == [0]
+
+
+# (variant, backend, precision, format, top-1 %, median ms, 95 % interval) of pipeline_default at batch 1
+RECORDED_LATENCY = [
+    ("original", "torch", "fp32", "pt", 91.95, 5.087, (5.051, 5.104)),
+    ("original", "ort", "fp32", "onnx", 91.95, 0.792, (0.741, 0.886)),
+    ("original", "ort", "int8", "onnx", 92.00, 0.243, (0.242, 0.244)),
+    ("magnitude-30", "torch", "fp32", "pt", 90.75, 3.002, (2.955, 3.092)),
+    ("magnitude-30", "ort", "fp32", "onnx", 90.75, 0.388, (0.380, 0.405)),
+    ("magnitude-30", "ort", "int8", "onnx", 90.75, 0.163, (0.162, 0.165)),
+    ("taylor-50", "torch", "fp32", "pt", 88.40, 1.915, (1.825, 1.997)),
+    ("taylor-50", "ort", "fp32", "onnx", 88.40, 0.159, (0.158, 0.160)),
+    ("taylor-50", "ort", "int8", "onnx", 88.65, 0.110, (0.109, 0.110)),
+    ("depth-25", "torch", "fp32", "pt", 91.60, 3.360, (3.319, 3.405)),
+    ("depth-25", "ort", "fp32", "onnx", 91.60, 0.512, (0.494, 0.549)),
+    ("depth-25", "ort", "int8", "onnx", 91.55, 0.206, (0.205, 0.208)),
+]
+
+
+def test_accuracy_vs_latency_has_a_log_axis_labels_that_do_not_overlap_and_a_front_per_backend():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deploycomp.report import _overlap, accuracy_latency_figure
+
+    lat = [{"variant": v, "backend": b, "precision": p, "format": f, "top1_pct": t, "latency_median_ms": m,
+            "latency_median_ci95_ms": list(ci), "batch": 1, "device": "cpu"}
+           for v, b, p, f, t, m, ci in RECORDED_LATENCY]
+    study = _recorded_study()
+    fig = accuracy_latency_figure(study, lat, "top-1 (%)")
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    texts = [t for t in ax.texts if t.get_text() in {r[0] for r in RECORDED_LATENCY}]
+    assert sorted(t.get_text() for t in texts) == sorted(r[0] for r in RECORDED_LATENCY)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    frame = ax.get_window_extent(renderer)
+    assert all(_overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    fronts = {line.get_label(): list(line.get_xdata()) for line in ax.lines if "Pareto" in line.get_label()}
+    assert fronts == {"ort: Pareto front": [0.110, 0.163, 0.206, 0.243],
+                      "torch: Pareto front": [1.915, 3.002, 3.360, 5.087]}
+    plt.close(fig)

@@ -331,3 +331,187 @@ def test_real_int8_build(onnx_model, tmp_path):
     assert rec["precision"] == "int8"
     with EngineRunner(tmp_path / "m.int8.engine") as runner:
         assert runner.profile["opt"][0] == 8
+
+
+# -- the Python API builder and the engine's tensor types, with a stand-in `tensorrt` module ----------------
+
+
+class FakeTimingCache:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self):
+        return self.data + b"+tactics"
+
+
+class FakeBuilderConfig:
+    """Timing caches as TensorRT treats them: this GPU's are taken, another GPU's are refused (set_timing_cache
+    returns False), a file that is no cache gives None; after a refusal get_timing_cache() may return None."""
+
+    def __init__(self, module):
+        self.module, self.cache = module, None
+
+    def create_timing_cache(self, data: bytes):
+        if data and not data.startswith(b"CACHE:"):
+            return None
+        return FakeTimingCache(data or b"CACHE:this-gpu")
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False
+        if not cache.data.startswith(b"CACHE:this-gpu") or self.module.refuse_every_cache:
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return None if self.module.no_cache_after_build else self.cache
+
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def set_flag(self, flag):
+        pass
+
+    def add_optimization_profile(self, profile):
+        pass
+
+
+def fake_tensorrt_module():
+    import enum
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0"
+    trt.refuse_every_cache = trt.no_cache_after_build = False
+    trt.DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 FP8 BF16 INT64 INT4 FP4 E8M0")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    trt.BuilderFlag = types.SimpleNamespace(FP16=1, INT8=2, GPU_FALLBACK=3)
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Profile:
+        def set_shape(self, *args):
+            pass
+
+    class Builder:
+        num_DLA_cores = 0
+
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return object()
+
+        def create_builder_config(self):
+            return FakeBuilderConfig(trt)
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"fake-engine"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            return True
+
+    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
+    return trt
+
+
+@pytest.fixture()
+def fake_tensorrt(monkeypatch, tmp_path):
+    import sys
+
+    trt = fake_tensorrt_module()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return trt
+
+
+def _python_api_build(cli, onnx_model, cache: Path):
+    console.set_verbosity(console.NORMAL)
+    return cli("build", onnx_model, "--builder", "python-api", "--timing-cache", cache, "-o", "m.engine")
+
+
+def _build_record() -> dict:
+    return json.loads(Path("m.engine.json").read_text())
+
+
+def test_python_api_build_reads_and_updates_this_gpus_timing_cache(cli, onnx_model, fake_tensorrt, tmp_path):
+    cache = tmp_path / "my.cache"
+    r = _python_api_build(cli, onnx_model, cache)
+    assert "Warning" not in r.output and Path("m.engine").read_bytes() == b"fake-engine"
+    assert cache.read_bytes() == b"CACHE:this-gpu+tactics"
+    assert _build_record()["timing_cache_reused"] is False and _build_record()["timing_cache_rejected"] is False
+    _python_api_build(cli, onnx_model, cache)
+    assert cache.read_bytes() == b"CACHE:this-gpu+tactics+tactics"
+    assert _build_record()["timing_cache_reused"] is True
+
+
+@pytest.mark.parametrize("content", [b"CACHE:other-gpu", b"not a timing cache"])
+def test_a_timing_cache_tensorrt_rejects_is_a_warning_and_the_engine_is_built(cli, onnx_model, fake_tensorrt,
+                                                                               tmp_path, content):
+    cache = tmp_path / "theirs.cache"
+    cache.write_bytes(content)
+    r = _python_api_build(cli, onnx_model, cache)
+    warnings = [line for line in r.output.splitlines() if line.startswith("Warning:")]
+    assert warnings == [f"Warning: TensorRT rejected the timing cache {cache} (made by another TensorRT version or "
+                        "GPU, or not a timing cache): building with a fresh one and leaving that file as it is; "
+                        "delete it, or give another --timing-cache, to keep this GPU's timings"]
+    assert Path("m.engine").read_bytes() == b"fake-engine" and cache.read_bytes() == content
+    assert _build_record()["timing_cache_rejected"] is True and _build_record()["timing_cache_reused"] is False
+
+
+def test_no_timing_cache_after_a_build_keeps_the_engine(cli, onnx_model, fake_tensorrt, tmp_path):
+    fake_tensorrt.no_cache_after_build = True
+    cache = tmp_path / "my.cache"
+    r = _python_api_build(cli, onnx_model, cache)
+    assert f"Warning: TensorRT gave no timing cache after the build; {cache} is not updated (the engine is kept)" \
+        in r.output.splitlines()
+    assert Path("m.engine").read_bytes() == b"fake-engine" and not cache.exists()
+
+
+def test_even_a_fresh_cache_refused_still_builds(cli, onnx_model, fake_tensorrt, tmp_path):
+    fake_tensorrt.refuse_every_cache = True
+    r = _python_api_build(cli, onnx_model, tmp_path / "my.cache")
+    assert r.output.count("Warning: TensorRT rejected the timing cache") == 1
+    assert Path("m.engine").read_bytes() == b"fake-engine" and not (tmp_path / "my.cache").exists()
+
+
+def test_every_tensorrt_data_type_binds_or_is_refused_in_one_line():
+    import torch
+
+    from deploycomp.trt.engine import torch_dtype
+
+    dt = fake_tensorrt_module().DataType
+    expected = {"FLOAT": torch.float32, "HALF": torch.float16, "INT8": torch.int8, "INT32": torch.int32,
+                "BOOL": torch.bool, "UINT8": torch.uint8, "FP8": torch.float8_e4m3fn, "BF16": torch.bfloat16,
+                "INT64": torch.int64, "E8M0": torch.float8_e8m0fnu}
+    assert {m.name: torch_dtype(m, "x", "m.engine") for m in dt if m.name in expected} == expected
+    for packed in ("INT4", "FP4"):
+        with pytest.raises(InputFileError) as e:
+            torch_dtype(dt[packed], "input_ids", "m.engine")
+        assert str(e.value) == (f"m.engine: tensor 'input_ids' is {packed}, which deploycomp cannot bind to a torch "
+                                "tensor (it binds FLOAT, HALF, BF16, INT8, UINT8, INT32, INT64, BOOL, FP8, E8M0); "
+                                "export the model with that input or output in one of those")
+
+
+def test_data_type_names_of_the_bindings_and_of_their_str():
+    from deploycomp.trt.engine import dtype_name
+
+    class PybindLike:  # str() is "DataType.INT64" and there is no .name on very old bindings
+        def __str__(self):
+            return "DataType.INT64"
+
+    assert dtype_name(PybindLike()) == "INT64" and dtype_name(fake_tensorrt_module().DataType.UINT8) == "UINT8"

@@ -33,7 +33,7 @@ def pipeline(opts: dict) -> None:
     """
     from deploycomp import console
     from deploycomp.pipeline import run_pipeline
-    from deploycomp.report import summary_rows
+    from deploycomp.report import print_summary
 
     out = run_pipeline(opts["recipe"], opts["run_dir"], force=opts["force"], plots=opts["plots"],
                        wait=None if opts["wait"] else 0)
@@ -44,11 +44,7 @@ def pipeline(opts: dict) -> None:
         print_json(json_doc(run, paths["studies"]))
         return
     for s in paths["studies"]:
-        heads, rows = summary_rows(s)
-        console.table(f"{s.name}: {s.dataset or ''} (latency: {s.headline['backend']} {s.headline['precision']}, "
-                      f"batch {s.headline['batch']})", heads, rows)
-        for n in s.notes:
-            console.result(f"Note: {n}")
+        print_summary(s)
     console.result(f"{run['stages_run']} stages run, {run['stages_cached']} reused; wall time {run['wall_s']:.0f} s")
     for f in paths["files"]:
         console.result(f"wrote {f}")

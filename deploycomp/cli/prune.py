@@ -27,7 +27,8 @@ def latency_options(fn):
                      help="Device of the latency backend. Default: cpu (cuda for trt)."),
         click.option("--latency-batch", type=int, default=None, metavar="N", help="Batch size timed. Default: 1."),
         click.option("--latency-threads", type=int, default=None, metavar="N",
-                     help="Intra-op threads on the CPU. Default: 1 (see docs/latency-pruning.md)."),
+                     help="Intra-op threads on the CPU. Default: 1, not bench's every core: reproducible on a "
+                          "shared machine (see docs/latency-pruning.md)."),
         click.option("--latency-widths", type=int, default=None, metavar="N",
                      help="Candidate widths per layer group in the latency table: 1/N, 2/N, ..., N/N of its "
                           "channels, multiples of --round-to. Default: 8 (fewer: a smaller table, coarser steps)."),
@@ -67,7 +68,9 @@ def finetune_options(fn):
                    "until the pruned model runs X times faster on the latency backend.")
 @click.option("--measured", is_flag=True,
               help="--target-speedup is a speed-up measured on the latency backend (paired against the original), "
-                   "not a MACs ratio.")
+                   "not a MACs ratio. It holds for the search's conditions only: backend, device, batch and "
+                   "threads (default: ort, CPU, batch 1, one thread, while bench defaults to every core); the "
+                   "output and the record give the deploycomp bench command that measures under them.")
 @click.option("--target-latency-ms", type=float, default=None, metavar="MS",
               help="Instead of --ratio: prune until the model runs in MS milliseconds on the latency backend "
                    "(the original's latency is measured first).")
@@ -172,6 +175,28 @@ def summary(record: dict) -> None:
     synthetic = " (synthetic data: no accuracy, nothing learnt from it)" if record["synthetic"] else ""
     console.table(f"prune --method {record['method']}: {record['model']} -> {record.get('output', '-')}{synthetic}",
                   ["", "value", "note"], rows)
+    for line in reproduce_lines(record.get("latency")):
+        console.result(line)
+
+
+def reproduce_lines(lat: dict | None) -> list[str]:
+    """Where the latency target holds, and the commands that measure the pruned model there."""
+    if not lat or not lat.get("reproduce"):
+        return []
+    from deploycomp.prune.latency import DEFAULT_CPU_THREADS, VERIFY_SESSIONS
+    from deploycomp.prune.probes import Setup
+
+    s, r = lat["setup"], lat["reproduce"]
+    lines = [f"The latency target holds for the search's conditions: {Setup(**s).describe()}."]
+    if s["threads"]:
+        lines.append(f"bench's defaults differ: prune searches at {DEFAULT_CPU_THREADS} thread unless "
+                     "--latency-threads (reproducible on a shared machine); bench runs on every core unless --threads.")
+    lines.append(f"Measure it under them (the search's speed-up is over {VERIFY_SESSIONS} sessions; one bench run "
+                 "is one):")
+    lines += [f"  {c}" for c in r["commands"]]
+    if r["caveat"]:
+        lines.append(f"Note: {r['caveat']}")
+    return lines
 
 
 def latency_rows(lat: dict | None) -> list[tuple[str, str, str]]:

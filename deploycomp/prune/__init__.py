@@ -331,6 +331,13 @@ def run_prune(model: str | None, config: PruneConfig, *, output: str | None = No
     console.info(f"pruning {ckpt.source or ckpt.arch} with {config.method} ({_what(config)}) -> {out}")
     pruned, record = prune_checkpoint(ckpt, ds, config)
     record["output"] = str(out)
+    if record.get("latency"):
+        from deploycomp.prune.latency import bench_commands
+        from deploycomp.prune.probes import Setup
+
+        record["latency"]["reproduce"] = bench_commands(Setup(**record["latency"]["setup"]), model,
+                                                        {**model_options, "data": data, "data_dir": data_dir},
+                                                        str(out))
     pruned.save(out)
     write_sidecar(out, record)
     console.info(f"wrote {out} and {sidecar_path(out)}")

@@ -383,6 +383,106 @@ def _checkpoint_copy(ckpt, model, surgery: dict[str, Any]):
 
 
 # --------------------------------------------------------------------------------------------------
+# Reproducing the search's measurement with `deploycomp bench`
+
+# Model options (run_prune's keyword arguments) -> the flag that gives them on the command line. Only the
+# ones that shape the original network matter to its latency, but all are passed so the commands rebuild
+# the same model (and refuse the same way).
+MODEL_FLAGS = {"arch": "--arch", "num_classes": "--num-classes", "in_channels": "--in-channels",
+               "model_kwargs": "--model-kwargs", "weights": "--weights", "trust_pickle": "--trust-pickle",
+               "input_size": "--input-size", "data": "--data", "data_dir": "--data-dir"}
+# what `deploycomp bench` itself accepts to rebuild a model (a torch-family backend times it as given)
+BENCH_MODEL_FLAGS = ("arch", "input_size")
+# options that change the original network's shape (weights do not change its latency)
+SHAPE_FLAGS = ("num_classes", "in_channels", "model_kwargs", "data")
+# what a pruned checkpoint still needs: the user code it was built from, and the size it was timed at
+CHECKPOINT_FLAGS = ("arch", "input_size")
+
+
+def _flag_value(key: str, value) -> str | None:
+    import json
+
+    if value is True:
+        return None
+    if key == "model_kwargs":
+        return json.dumps(value, separators=(",", ":"))
+    if key == "input_size":
+        return "x".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+    return str(value)
+
+
+def model_flags(options: dict[str, Any], keys=tuple(MODEL_FLAGS)) -> list[str]:
+    """Command-line flags giving ``options`` (run_prune's model and data options) again."""
+    out: list[str] = []
+    for key in keys:
+        value = options.get(key)
+        if value is None or value is False or value == {}:
+            continue
+        out.append(MODEL_FLAGS[key])
+        v = _flag_value(key, value)
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def _cmd(*words: str) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def _onnx_steps(setup, original: list[str], pruned: list[str], stem: str) -> tuple[list[str], list[str]]:
+    """Both models exported the way the search exported them (fixed batch)."""
+    files = [f"{stem}-original.onnx", f"{stem}.onnx"]
+    return [_cmd("deploycomp", "export", *src, "--batch", setup.batch, "-o", f)
+            for src, f in zip((original, pruned), files, strict=True)], files
+
+
+def _engine_steps(setup, original: list[str], pruned: list[str], stem: str) -> tuple[list[str], list[str]]:
+    """Exported, then built as FP32 engines for exactly the search's batch on its GPU."""
+    steps, onnx_files = _onnx_steps(setup, original, pruned, stem)
+    gpu = setup.device.split(":")[1] if ":" in setup.device else "0"
+    engines = [f[:-len(".onnx")] + ".engine" for f in onnx_files]
+    steps += [_cmd("deploycomp", "build", f, "-p", "fp32", "--min-batch", setup.batch, "--opt-batch", setup.batch,
+                   "--max-batch", setup.batch, "--gpu", gpu, "-o", e) for f, e in zip(onnx_files, engines, strict=True)]
+    return steps, engines
+
+
+# latency backend -> how the original and the pruned checkpoint become what bench times on it (export / build
+# steps and the files); absent: bench loads the checkpoints itself (torch, torch-compile)
+BENCH_ARTIFACTS = {"ort": _onnx_steps, "trt": _engine_steps}
+
+
+def bench_commands(setup, model: str | None, options: dict[str, Any], output: str) -> dict[str, Any]:
+    """The commands that time the original and the pruned ``output`` the way the search did.
+
+    ``model`` and ``options`` are what the original was loaded from (run_prune's arguments). Returns
+    ``commands`` (any export / build steps, then ``deploycomp bench``), ``bench`` (that last command) and
+    ``caveat`` (None, or why the commands do not rebuild the original exactly).
+    """
+    from deploycomp.checkpoint import default_model
+
+    stem = output[:-len(".pt")] if output.endswith(".pt") else output
+    ref = model or default_model()
+    caveat, flags = None, []
+    make = BENCH_ARTIFACTS.get(setup.backend)
+    if make is None:  # bench rebuilds the original from its name with --arch / --input-size only
+        steps, artifacts = [], [ref, output]
+        flags = model_flags(options, BENCH_MODEL_FLAGS)
+        lost = [MODEL_FLAGS[k] for k in SHAPE_FLAGS if model_flags({k: options.get(k)}, (k,))]
+        if lost:
+            caveat = (f"bench rebuilds {ref} from its name, without {' '.join(model_flags(options, SHAPE_FLAGS))}; "
+                      "if that changes the network, bench a checkpoint of the original instead")
+    else:
+        steps, artifacts = make(setup, ["--model", ref, *model_flags(options)],
+                                ["--model", output, *model_flags(options, CHECKPOINT_FLAGS)], stem)
+    threads = ["--threads", setup.threads] if setup.threads else []
+    bench = _cmd("deploycomp", "bench", *artifacts, "--backend", setup.backend, "--device", setup.device,
+                 "--batch", setup.batch, *threads, *flags)
+    return {"commands": [*steps, bench], "bench": bench, "caveat": caveat}
+
+
+# --------------------------------------------------------------------------------------------------
 # Strategies (the interface of deploycomp.prune's _Channels / _Blocks: plan once, then step)
 
 

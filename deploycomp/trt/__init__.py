@@ -140,6 +140,7 @@ class BuildRequest:
     workspace_bytes: int | None
     timing_cache: Path | None
     dla_core: int | None
+    timing_cache_rejected: bool = False  # set by the builder: TensorRT refused the cache file (built without it)
 
 
 @dataclass(frozen=True)
@@ -189,19 +190,55 @@ def _build_python(req: BuildRequest, engine_tmp: Path) -> None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = req.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    cache = None
-    if req.timing_cache is not None:
-        data = req.timing_cache.read_bytes() if req.timing_cache.exists() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    keep_cache = req.timing_cache is not None and use_timing_cache(config, req.timing_cache)
+    req.timing_cache_rejected = req.timing_cache is not None and not keep_cache
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise DeploycompError(f"TensorRT could not build an engine from {req.onnx}; its messages above say why")
     engine_tmp.write_bytes(memoryview(serialized))
-    if cache is not None:
-        req.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(req.timing_cache) as tmp:
-            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    if keep_cache:
+        save_timing_cache(config, req.timing_cache)
+
+
+def use_timing_cache(config, path: Path) -> bool:
+    """Give the builder the timing cache in ``path`` (empty when there is none); True when it took it.
+
+    TensorRT refuses a cache made by another TensorRT version or GPU, or a file that is not one
+    (``set_timing_cache`` returns False, ``create_timing_cache`` may return None). Then the build goes on
+    with a fresh cache, and the file is left as it is: it may be a user's cache for another GPU.
+    """
+    data = path.read_bytes() if path.exists() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return True
+    console.warn(f"TensorRT rejected the timing cache {path} (made by another TensorRT version or GPU, or not a "
+                 "timing cache): building with a fresh one and leaving that file as it is; delete it, or give "
+                 "another --timing-cache, to keep this GPU's timings")
+    fresh = config.create_timing_cache(b"")
+    if fresh is not None:
+        config.set_timing_cache(fresh, ignore_mismatch=False)
+    return False
+
+
+def save_timing_cache(config, path: Path) -> None:
+    """Write the builder's timing cache to ``path`` (atomically); a cache TensorRT cannot give is a warning.
+
+    Called after the engine is written: whatever happens here, the engine is kept.
+    """
+    cache = config.get_timing_cache()
+    try:
+        data = cache.serialize() if cache is not None else None
+    except RuntimeError:  # the bindings' translation of a TensorRT error
+        data = None
+    if data is None:
+        console.warn(f"TensorRT gave no timing cache after the build; {path} is not updated (the engine is kept)")
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(memoryview(data))
+    except OSError as e:
+        console.warn(f"could not write the timing cache {path} ({e.strerror or e}); the engine is kept")
 
 
 def _build_trtexec(req: BuildRequest, engine_tmp: Path) -> None:
@@ -297,7 +334,8 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike | None 
         "plan": asdict(plan), "input_name": io["input_name"], "output_name": io["output_name"],
         "input_shape": io["input_shape"], "profile": profile.as_dict() if profile else None,
         "source_onnx": str(src), "source_onnx_sha256": sha256(src), "workspace_bytes": workspace_bytes,
-        "timing_cache": str(cache), "timing_cache_reused": cache_existed, "dla_core": dla_core,
+        "timing_cache": str(cache), "timing_cache_reused": cache_existed and not req.timing_cache_rejected,
+        "timing_cache_rejected": req.timing_cache_rejected, "dla_core": dla_core,
         "trtexec_command": format_command(cmd), "build_seconds": seconds, "engine_sha256": sha256(engine),
         "size_mib": engine.stat().st_size / 2**20, "deploycomp": __version__,
         **{k: side[k] for k in ("mean", "std", "class_names", "dataset", "arch", "macs", "params_total")

@@ -60,8 +60,9 @@ class EngineRunner:
             check(len(inputs) == 1 and len(outputs) >= 1, f"{self.path} has inputs {inputs} and outputs {outputs}; "
                   "deploycomp runs single-input classifiers", InputFileError)
             self.input_name, self.output_name = inputs[0], outputs[0]
-            self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
-            self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+            self.input_dtype = torch_dtype(self.engine.get_tensor_dtype(self.input_name), self.input_name, self.path)
+            self.output_dtype = torch_dtype(self.engine.get_tensor_dtype(self.output_name), self.output_name,
+                                            self.path)
             shape = tuple(self.engine.get_tensor_shape(self.input_name))
             if shape[0] == -1:
                 lo, opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
@@ -120,11 +121,26 @@ class EngineRunner:
         self.close()
 
 
-def _torch_dtype(trt, dtype):
+# TensorRT DataType member -> torch dtype, by name (members an older TensorRT or torch lacks simply never
+# match). INT4 and FP4 are packed two to a byte and have no torch tensor to bind: refused in one line.
+TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                "INT32": "int32", "INT64": "int64", "BOOL": "bool", "FP8": "float8_e4m3fn",
+                "E8M0": "float8_e8m0fnu"}
+
+
+def dtype_name(dtype) -> str:
+    """``DataType.INT64`` -> ``INT64`` (pybind11 enums have .name; str() is the fallback)."""
+    return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+
+
+def torch_dtype(dtype, tensor: str, engine: str | os.PathLike):
+    """The torch dtype of a TensorRT tensor, or a one-line error naming the tensor and its type."""
     import torch
 
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT8: torch.int8,
-             trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    return table[dtype]
+    name = dtype_name(dtype)
+    found = getattr(torch, TORCH_DTYPES.get(name, ""), None)
+    if not isinstance(found, torch.dtype):
+        usable = ", ".join(k for k, v in TORCH_DTYPES.items() if isinstance(getattr(torch, v, None), torch.dtype))
+        raise InputFileError(f"{engine}: tensor {tensor!r} is {name}, which deploycomp cannot bind to a torch tensor "
+                             f"(it binds {usable}); export the model with that input or output in one of those")
+    return found
