@@ -1,16 +1,24 @@
-"""How often does `deploycomp bench` misjudge a comparison? A/A and A/B runs of the real command (issue 11).
+"""Does a `deploycomp bench` interval hold when the benchmark is run again? A/A and A/B runs (issues 11, 21).
 
-(a) A/A: the shipped baseline against a byte-identical copy of itself (ONNX on ONNX Runtime, checkpoint on
-    torch), `--reps` repetitions of a default `deploycomp bench A COPY` (each a fresh process): how many
-    verdicts say faster or slower (goal: at most 1 of 20). The old, sequential method (each model timed once,
-    one after the other: `--rounds 1`, which is what `bench` did before) runs in the same repetitions, in
-    alternating order with the new one; its "verdicts" are the speed-ups a reader would act on (beyond +-2 %,
-    the new verdict's margin, and beyond +-5 %).
-(b) A/B: torchvision ResNet-50 (224 px, random weights: speed only) against it pruned 50 % by magnitude,
-    channels rounded to 8: verdict `faster` in every repetition? interval widths.
-(c) the wall time of a default 2-artifact `deploycomp bench` (the whole command, imports included).
+For each pair, each thread setting (the library's default threads, and `--threads 1`) and each version of
+deploycomp (`before`: another source tree, e.g. a worktree of an older commit, given with `--before`;
+`after`: this tree), `--reps` separate `deploycomp bench A B` invocations (each a fresh process, default
+options otherwise). The two versions alternate within a repetition, in alternating order.
 
-    python benchmarks/bench_ab.py --reps 20 --out benchmarks/results/bench_ab.md
+Pairs (the shipped baseline, 28 px Fashion-MNIST; speed only, no fine-tuning):
+- A/A ort / torch: the baseline against a byte-identical copy (ONNX Runtime / torch);
+- A/B ort / torch: the baseline against it pruned 30 % by magnitude, channels rounded to 8.
+
+Reported per (pair, threads, version):
+- A/B: how many runs' 95 % interval holds the geometric mean of the *other* runs' speed-ups (goal: 17 of 20),
+  and the median half-width of the intervals (goal: at most 8 %);
+- A/A: verdict `same` (goal: 19 of 20) and interval holding 1.0 (goal: 18 of 20);
+- the wall time of the whole command.
+For the `after` version each run's per-session speed-ups are kept, so the coverage with fewer sessions
+(the first k of each run) is computed too: the measurement behind the default number of sessions.
+
+    git worktree add /tmp/before <old commit>
+    python benchmarks/bench_ab.py --before /tmp/before --reps 20 --out benchmarks/results/bench_ab.md
 
 Run it on an idle machine: it records the load average and the CPU time other processes used.
 """
@@ -19,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import re
 import shutil
 import statistics as st
 import subprocess
@@ -30,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MARGINS = (2.0, 5.0)
+THREADS = {"default threads": [], "--threads 1": ["--threads", "1"]}
 
 
 def prepare(work: Path) -> dict[str, tuple[str, str]]:
@@ -47,169 +55,202 @@ def prepare(work: Path) -> dict[str, tuple[str, str]]:
     base = Path(default_model())
     shutil.copyfile(base, work / "baseline.pt")
     shutil.copyfile(base, work / "copy.pt")  # byte-identical
-    export_onnx(load_model(str(base)), work / "baseline.onnx", dynamic_batch=True, parity=False)
-    shutil.copyfile(work / "baseline.onnx", work / "copy.onnx")  # byte-identical (no sidecar: label "copy")
-
-    r50 = load_model("resnet50", input_size=(224, 224))
-    r50.save(work / "resnet50.pt")
-    pruned = load_model(str(work / "resnet50.pt"))
-    x = torch.zeros(1, 3, 224, 224)
+    pruned = load_model(str(base))
+    x = torch.zeros(1, *pruned.input_shape)
     with torch.enable_grad():
-        history = prune_channels(pruned.model, x, get_criterion("magnitude")(), 0.5, round_to=8)
+        history = prune_channels(pruned.model, x, get_criterion("magnitude")(), 0.3, round_to=8)
     pruned.add_surgery("prune_channels", history=history)
     pruned.source = None
-    pruned.save(work / "resnet50-mag50.pt")
-    for name in ("resnet50", "resnet50-mag50"):
+    pruned.save(work / "magnitude-30.pt")
+    for name in ("baseline", "magnitude-30"):
         export_onnx(load_model(str(work / f"{name}.pt")), work / f"{name}.onnx", dynamic_batch=True, parity=False)
-    for p in work.glob("*"):
-        assert p.is_file() and p.stat().st_size > 0, p
+    shutil.copyfile(work / "baseline.onnx", work / "copy.onnx")  # byte-identical (no sidecar: label "copy")
     assert (work / "baseline.onnx").read_bytes() == (work / "copy.onnx").read_bytes()
     return {"A/A ort": (str(work / "baseline.onnx"), str(work / "copy.onnx")),
             "A/A torch": (str(work / "baseline.pt"), str(work / "copy.pt")),
-            "A/B ort": (str(work / "resnet50.onnx"), str(work / "resnet50-mag50.onnx")),
-            "A/B torch": (str(work / "resnet50.pt"), str(work / "resnet50-mag50.pt"))}
+            "A/B ort": (str(work / "baseline.onnx"), str(work / "magnitude-30.onnx")),
+            "A/B torch": (str(work / "baseline.pt"), str(work / "magnitude-30.pt"))}
 
 
-def bench(a: str, b: str, extra: list[str], out: Path) -> dict:
-    """One `deploycomp bench A B` in a fresh process; its JSON, the second row, and the wall time."""
+def bench(code: Path, a: str, b: str, extra: list[str], out: Path) -> dict:
+    """One `deploycomp bench A B` of the deploycomp in ``code``, in a fresh process; its second row and wall time."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "deploycomp", "-q", "bench", a, b, *extra, "--json", str(out)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env, cwd=str(code))
     wall = time.perf_counter() - t
     if proc.returncode != 0:
-        raise SystemExit(f"deploycomp bench failed: {proc.stderr.strip()[-500:]}")
+        raise SystemExit(f"deploycomp bench ({code}) failed: {proc.stderr.strip()[-500:]}")
     ref, row = json.loads(out.read_text())["results"]
+    sessions = [s.get("speedup") for s in row.get("sessions") or [] if isinstance(s, dict)]
     return {"speedup": row["speedup"], "ci": row["speedup_ci95"], "verdict": row["verdict"], "wall_s": wall,
-            "ref_median_ms": ref["latency_ms"]["median"], "median_ms": row["latency_ms"]["median"],
-            # the round order is in bench's own JSON; here it would be most of the file
+            "interval": row.get("interval", "within one session (schema 2)"),
+            "session_speedups": sessions, "rounds": row.get("rounds"),
             "conditions": {k: v for k, v in (ref.get("conditions") or {}).items() if k != "order"},
-            "warnings": ref["warnings"] + row["warnings"],
-            "threads": row.get("threads")}
+            "threads": row.get("threads"), "warnings": len(ref["warnings"]) + len(row["warnings"])}
 
 
-def sequential_reading(speedup: float, margin_pct: float) -> str:
-    """What a reader of the old table concludes from a bare speed-up."""
-    if speedup >= 1 + margin_pct / 100:
-        return "faster"
-    if speedup <= 1 / (1 + margin_pct / 100):
-        return "slower"
-    return "same"
-
-
-def run(pairs: dict[str, tuple[str, str]], reps: int, work: Path, log) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {k: [] for k in pairs}
+def run(pairs, versions: dict[str, Path], reps: int, work: Path, log) -> dict[str, list[dict]]:
+    """results[f"{pair} | {threads} | {version}"] = one record per repetition."""
+    out: dict[str, list[dict]] = {}
+    names = list(versions)
     for i in range(reps):
-        for name, (a, b) in pairs.items():
-            new_first = i % 2 == 0  # alternate which method runs first in a repetition
-            methods = [("new", []), ("old", ["--rounds", "1"])]
-            rec = {}
-            for method, extra in (methods if new_first else methods[::-1]):
-                rec[method] = bench(a, b, extra, work / "out.json")
-            out[name].append(rec)
-            log(f"[{i + 1}/{reps}] {name}: new {rec['new']['speedup']:.3f} {rec['new']['ci']} {rec['new']['verdict']}"
-                f" ({rec['new']['wall_s']:.1f} s); old {rec['old']['speedup']:.3f}; other CPU "
-                f"{rec['new']['conditions'].get('other_cpu_pct')} %")
+        for pair, (a, b) in pairs.items():
+            for setting, extra in THREADS.items():
+                order = names if i % 2 == 0 else names[::-1]
+                for version in order:
+                    rec = bench(versions[version], a, b, extra, work / "out.json")
+                    out.setdefault(f"{pair} | {setting} | {version}", []).append(rec)
+                    ci = f"[{rec['ci'][0]:.3f}, {rec['ci'][1]:.3f}]" if rec["ci"] else "-"
+                    log(f"[{i + 1}/{reps}] {pair}, {setting}, {version}: {rec['speedup']:.3f} {ci} {rec['verdict']} "
+                        f"({rec['wall_s']:.1f} s, other CPU {rec['conditions'].get('other_cpu_pct')} %)")
     return out
 
 
+def geomean(values) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summary(rs: list[dict], kind: str) -> dict:
+    """Coverage, widths, verdicts of one (pair, threads, version)."""
+    held_others = 0
+    for i, r in enumerate(rs):
+        others = geomean([x["speedup"] for j, x in enumerate(rs) if j != i])
+        held_others += bool(r["ci"]) and r["ci"][0] <= others <= r["ci"][1]
+    half = [100 * (math.sqrt(r["ci"][1] / r["ci"][0]) - 1) for r in rs if r["ci"]]
+    return {"n": len(rs), "held_others": held_others, "held_one": sum(bool(r["ci"]) and r["ci"][0] <= 1 <= r["ci"][1]
+                                                                      for r in rs),
+            "verdicts": {v: sum(r["verdict"] == v for r in rs) for v in ("faster", "same", "slower")},
+            "range": (min(r["speedup"] for r in rs), max(r["speedup"] for r in rs)),
+            "median_half_width_pct": st.median(half) if half else None,
+            "wall_s": st.median(r["wall_s"] for r in rs), "kind": kind}
+
+
+def fewer_sessions(rs: list[dict], k: int) -> dict | None:
+    """The A/B coverage and width had each run used only its first ``k`` sessions."""
+    from deploycomp.bench.paired import across_sessions
+
+    if not rs or any(len(r["session_speedups"]) < k for r in rs):
+        return None
+    ests = [across_sessions(r["session_speedups"][:k], rounds=0) for r in rs]
+    held = 0
+    for i, e in enumerate(ests):
+        others = geomean([x.speedup for j, x in enumerate(ests) if j != i])
+        held += e.ci95[0] <= others <= e.ci95[1]
+    half = st.median(100 * (math.sqrt(e.ci95[1] / e.ci95[0]) - 1) for e in ests)
+    same = sum(e.verdict == "same" for e in ests)
+    holds_one = sum(e.ci95[0] <= 1 <= e.ci95[1] for e in ests)
+    return {"held_others": held, "median_half_width_pct": half, "same": same, "held_one": holds_one, "n": len(ests)}
+
+
 def report(results: dict[str, list[dict]], args, env: dict, seconds: float) -> str:
-    lines = ["# Paired comparisons: A/A and A/B runs of `deploycomp bench` (issue 11)", "",
-             f"Command: `python benchmarks/bench_ab.py --reps {args.reps}` ({seconds / 60:.1f} min). Each repetition "
-             "is a fresh `deploycomp bench A B` process with default options (20 interleaved rounds, >= 1 s per "
-             "model, the library's default threads), plus the old sequential method (`--rounds 1`: each model "
-             "timed once, one after the other, as `bench` did before) in the same repetition, the two methods in "
-             "alternating order.", "",
-             f"Machine: {env['cpu_model']}, {env['cpus_usable']} usable CPUs, torch {env['torch']}, onnxruntime "
-             f"{env['onnxruntime']}, deploycomp {env['deploycomp']}; {env['time_utc']}.", ""]
-    others = [r["new"]["conditions"].get("other_cpu_pct") for rs in results.values() for r in rs]
+    lines = ["# Does a `deploycomp bench` interval hold when the benchmark is run again? (issues 11, 21)", "",
+             f"Command: `python benchmarks/bench_ab.py --before {args.before_label} --reps {args.reps}` "
+             f"({seconds / 60:.1f} min). Each run is a separate `deploycomp bench A B` process with default options "
+             "(plus `--threads 1` in the one-thread rows); `before` is deploycomp at "
+             f"{args.before_label} (one session of 20 interleaved rounds), `after` this tree (5 sessions, each a fresh "
+             "process, of 10 rounds; the interval across sessions). The versions alternate within each repetition.",
+             "", f"Machine: {env['cpu_model']}, {env['cpus_usable']} usable CPUs, torch {env['torch']}, onnxruntime "
+             f"{env['onnxruntime']}; {env['time_utc']}.", ""]
+    others = [r["conditions"].get("other_cpu_pct") for rs in results.values() for r in rs]
     others = [o for o in others if o is not None]
-    loads = [r["new"]["conditions"].get("load_avg_1m_before") for rs in results.values() for r in rs]
+    loads = [r["conditions"].get("load_avg_1m_before") for rs in results.values() for r in rs]
     loads = [x for x in loads if x is not None]
     if others:
         lines += [f"Load while measuring: other processes used {min(others):.0f}-{max(others):.0f} % of the CPUs "
                   f"(median {st.median(others):.0f} %); 1-minute load average {min(loads):.2f}-{max(loads):.2f} "
-                  "before each bench (it includes the previous repetition's own work).", ""]
-    lines += ["## Verdicts", "",
-              "| pair | backend | new: faster / same / slower | new: speed-up range | new: median interval width | "
-              "old: speed-up range | old: read as faster/slower (>2 % / >5 %) |",
-              "|---|---|---|---|---:|---|---|"]
-    for name, rs in results.items():
-        kind, backend = name.split()
-        new = [r["new"] for r in rs]
-        old = [r["old"] for r in rs]
-        counts = "/".join(str(sum(r["verdict"] == v for r in new)) for v in ("faster", "same", "slower"))
-        widths = [r["ci"][1] - r["ci"][0] for r in new if r["ci"]]
-        wrong = []
-        for m in MARGINS:
-            readings = [sequential_reading(r["speedup"], m) for r in old]
-            expected = "same" if kind == "A/A" else "faster"
-            wrong.append(sum(x != expected for x in readings))
-        lines.append(f"| {kind} | {backend} | {counts} | {min(r['speedup'] for r in new):.3f}-"
-                     f"{max(r['speedup'] for r in new):.3f} | {st.median(widths):.3f} | "
-                     f"{min(r['speedup'] for r in old):.3f}-{max(r['speedup'] for r in old):.3f} | "
-                     f"{wrong[0]} / {wrong[1]} of {len(old)} wrong |")
-    walls = [r["new"]["wall_s"] for name, rs in results.items() if name.startswith("A/A") for r in rs]
-    walls_b = [r["new"]["wall_s"] for name, rs in results.items() if name.startswith("A/B") for r in rs]
-    lines += ["", "## Wall time of a default two-model `deploycomp bench` (whole command, imports included)", "",
-              f"- baseline A/A (about 1 ms per image): median {st.median(walls):.1f} s (range {min(walls):.1f}-"
-              f"{max(walls):.1f} s)",
-              f"- ResNet-50 A/B (224 px): median {st.median(walls_b):.1f} s (range {min(walls_b):.1f}-"
-              f"{max(walls_b):.1f} s)", "",
-              *warning_summary(results), "",
-              "## Every repetition", "",
-              "| pair | rep | new speed-up [95 % interval] | verdict | old speed-up | other CPU % | warnings |",
-              "|---|---:|---|---|---:|---:|---:|"]
-    for name, rs in results.items():
+                  "before each bench (it includes the previous run's own work).", ""]
+    lines += ["## A/B: the baseline against its magnitude-30 model", "",
+              "Goal (after): each run's 95 % interval holds the geometric mean of the other runs' speed-ups in at "
+              "least 17 of 20; median half-width at most 8 %.", "",
+              "| backend | threads | version | interval holds the others' mean | median half-width | speed-ups over "
+              "the runs | verdicts faster/same/slower | wall time (median) |",
+              "|---|---|---|---:|---:|---|---|---:|"]
+    table_rows(lines, results, "A/B")
+    lines += ["", "## A/A: the baseline against its byte-identical copy", "",
+              "Goal (after): verdict `same` in at least 19 of 20, interval holds 1.0 in at least 18 of 20.", "",
+              "| backend | threads | version | verdict same | interval holds 1.0 | median half-width | speed-ups over "
+              "the runs | wall time (median) |",
+              "|---|---|---|---:|---:|---:|---|---:|"]
+    table_rows(lines, results, "A/A")
+    lines += ["", "## How many sessions? (after: the first k sessions of each run)", "",
+              "| pair | threads | k | A/B: holds the others' mean | A/B: median half-width | A/A: same | "
+              "A/A: holds 1.0 |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for backend in ("ort", "torch"):
+        for setting in THREADS:
+            ab = results.get(f"A/B {backend} | {setting} | after", [])
+            aa = results.get(f"A/A {backend} | {setting} | after", [])
+            for k in (2, 3, 4, 5):
+                b, a = fewer_sessions(ab, k), fewer_sessions(aa, k)
+                if b is None or a is None:
+                    continue
+                lines.append(f"| {backend} | {setting} | {k} | {b['held_others']} of {b['n']} | "
+                             f"{b['median_half_width_pct']:.1f} % | {a['same']} of {a['n']} | "
+                             f"{a['held_one']} of {a['n']} |")
+    lines += ["", "## Every run", "", "| pair | threads | version | rep | speed-up [95 % interval] | verdict | "
+              "sessions' speed-ups | other CPU % | wall s |", "|---|---|---|---:|---|---|---|---:|---:|"]
+    for key, rs in results.items():
+        pair, setting, version = key.split(" | ")
         for i, r in enumerate(rs, 1):
-            n = r["new"]
-            ci = f"[{n['ci'][0]:.3f}, {n['ci'][1]:.3f}]" if n["ci"] else "-"
-            lines.append(f"| {name} | {i} | {n['speedup']:.3f} {ci} | {n['verdict']} | {r['old']['speedup']:.3f} | "
-                         f"{n['conditions'].get('other_cpu_pct')} | {len(n['warnings'])} |")
+            ci = f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else "-"
+            ss = ", ".join(f"{x:.3f}" for x in r["session_speedups"]) or "-"
+            lines.append(f"| {pair} | {setting} | {version} | {i} | {r['speedup']:.3f} {ci} | {r['verdict']} | {ss} | "
+                         f"{r['conditions'].get('other_cpu_pct')} | {r['wall_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def warning_summary(results: dict[str, list[dict]]) -> list[str]:
-    """How many of the new method's runs carried each kind of warning (its text up to the first colon)."""
-    kinds: dict[str, int] = {}
-    for rs in results.values():
-        for r in rs:
-            for w in {re.sub(r"within \d+%.*", "within more than 5 %", w.split(":")[0]) for w in r["new"]["warnings"]}:
-                kinds[w] = kinds.get(w, 0) + 1
-    total = sum(len(rs) for rs in results.values())
-    drifts = sorted(round(r["new"]["conditions"]["drift_pct"]) for rs in results.values() for r in rs
-                    if r["new"]["conditions"].get("drift_pct") is not None)
-    lines = ["## Warnings of the new method", "", f"Runs (of {total}) with each kind of warning:", ""]
-    lines += [f"- {n}: {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1])] or ["- none"]
-    if drifts:
-        lines += ["", f"The reference's drift (`conditions.drift_pct`) over the runs: {drifts[0]} % to {drifts[-1]} % "
-                  f"(median {st.median(drifts):.0f} %)."]
-    return lines
+def table_rows(lines: list[str], results: dict[str, list[dict]], kind: str) -> None:
+    for key, rs in results.items():
+        pair, setting, version = key.split(" | ")
+        if not pair.startswith(kind):
+            continue
+        s = summary(rs, kind)
+        backend = pair.split()[1]
+        counts = "/".join(str(s["verdicts"][v]) for v in ("faster", "same", "slower"))
+        width = f"{s['median_half_width_pct']:.1f} %" if s["median_half_width_pct"] is not None else "-"
+        spread = f"{s['range'][0]:.3f}-{s['range'][1]:.3f}"
+        if kind == "A/B":
+            lines.append(f"| {backend} | {setting} | {version} | {s['held_others']} of {s['n']} | {width} | {spread} | "
+                         f"{counts} | {s['wall_s']:.1f} s |")
+        else:
+            lines.append(f"| {backend} | {setting} | {version} | {s['verdicts']['same']} of {s['n']} | "
+                         f"{s['held_one']} of {s['n']} | {width} | {spread} | {s['wall_s']:.1f} s |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--pairs", default="A/A ort,A/A torch,A/B ort,A/B torch",
-                    help="comma-separated subset of the pairs")
+    ap.add_argument("--before", default=None, metavar="DIR",
+                    help="source tree of the older deploycomp to compare with (e.g. a git worktree)")
+    ap.add_argument("--before-label", default=None, help="how the report names it (default: its git commit)")
+    ap.add_argument("--pairs", default="A/A ort,A/A torch,A/B ort,A/B torch", help="comma-separated subset")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_ab.md"))
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="only rewrite the report from a recorded JSON (this script's) to --out")
     args = ap.parse_args()
     if args.render:
         rec = json.loads(Path(args.render).read_text())
-        args.reps = rec["reps"]
+        args.reps, args.before_label = rec["reps"], rec.get("before_label")
         Path(args.out).write_text(report(rec["results"], args, rec["environment"], rec["seconds"]))
         return
 
     from deploycomp.bench.env import capture
 
+    versions = {"after": ROOT}
+    if args.before:
+        versions = {"before": Path(args.before).resolve(), "after": ROOT}
+        if args.before_label is None:
+            head = subprocess.run(["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True)
+            args.before_label = head.stdout.strip() or args.before
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         work = Path(tmp)
         pairs = prepare(work)
         wanted = [p.strip() for p in args.pairs.split(",")]
         pairs = {k: v for k, v in pairs.items() if k in wanted}
-        results = run(pairs, args.reps, work, lambda m: print(m, flush=True))
+        results = run(pairs, versions, args.reps, work, lambda m: print(m, flush=True))
     env, seconds = capture("cpu"), time.perf_counter() - t0
     text = report(results, args, env, seconds)
     out = Path(args.out)
@@ -217,7 +258,7 @@ def main() -> None:
     out.write_text(text)
     keep = {k: env.get(k) for k in ("cpu_model", "cpus_usable", "torch", "onnxruntime", "deploycomp", "time_utc")}
     out.with_suffix(".json").write_text(json.dumps({"reps": args.reps, "seconds": seconds, "environment": keep,
-                                                    "results": results}))
+                                                    "before_label": args.before_label, "results": results}))
     print(text)
 
 

@@ -55,6 +55,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("throughput_ips", "img/s", ".0f"),
     ("speedup", "speed-up [95% interval]", "speedup"),
     ("verdict", "verdict", "s"),
+    ("load_peak_rss_mib", "load peak MiB", ".1f"),
+    ("steady_rss_mib", "steady MiB", ".1f"),
+    ("memory_reduction_pct", "memory red. %", "memory_reduction"),
 )
 
 LATENCY_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -71,10 +74,16 @@ LATENCY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("throughput_ips", "img/s", ".0f"),
     ("speedup", "speed-up [95% interval]", "speedup"),
     ("verdict", "verdict", "s"),
+    ("speedup_vs_fp32", "vs original FP32", "speedup_vs_fp32"),
+    ("load_peak_rss_mib", "load peak MiB", ".1f"),
+    ("steady_rss_mib", "steady MiB", ".1f"),
+    ("memory_reduction_pct", "memory red. %", "memory_reduction"),
 )
 # CSV-only columns: the intervals as numbers (the Markdown shows them inside the cells above)
 CSV_EXTRA = ("speedup_ci95_low", "speedup_ci95_high", "paired", "latency_median_ci95_low_ms",
-             "latency_median_ci95_high_ms")
+             "latency_median_ci95_high_ms", "interval")
+MEMORY_KEYS = ("load_peak_rss_mib", "steady_rss_mib", "memory_reduction_pct", "memory_reduction_range_pct")
+MEMORY_FIGURES = ("load_peak_rss_mib", "steady_rss_mib", "repeats")  # kept from a bench result's memory
 
 FORMAT_OF_STAGE = {"export": "onnx", "quantize": "onnx", "build": "engine"}
 
@@ -203,6 +212,9 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
                     "latency_cov_pct": lat.get("cov_pct"), "throughput_ips": r.get("throughput_ips"),
                     "latency_median_ci95_ms": r.get("latency_median_ci95_ms"),
                     "block_medians_ms": r.get("block_medians_ms"), "session": r.get("session"),
+                    "sessions": r.get("sessions"), "interval": r.get("interval"),
+                    **{k: (r.get("memory") or {}).get(k) for k in MEMORY_FIGURES if k != "repeats"},
+                    "memory_repeats": (r.get("memory") or {}).get("repeats"),
                     "conditions": r.get("conditions") or {},
                     "threads": r.get("threads"), "device": r.get("device"), "warnings": r.get("warnings") or [],
                     "environment": r.get("environment") or {}})
@@ -216,7 +228,7 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
                     "backend": head["backend"] if hit else None, "precision": head["precision"] if hit else None,
                     "batch": head["batch"] if hit else None, "throughput_ips": _get(hit, "throughput_ips"),
                     **{k: _get(hit, k) for k in ("speedup", "speedup_ci95", "verdict", "paired",
-                                                 "latency_median_ci95_ms")}})
+                                                 "latency_median_ci95_ms", "interval", *MEMORY_KEYS)}})
     if any(not r["complete"] for r in rows):
         notes.append("rows marked incomplete come from a run that has not finished all its stages")
     root = rec(study.get("root")) or {}
@@ -249,17 +261,47 @@ def _relative_to_original(rows: list[dict], latency_rows: list[dict], margin_pct
         ref = refs.get((x["precision"], x["format"], x["backend"], x["batch"]))
         x.update(speedup_against(ref, x, margin_pct) if ref else
                  {"speedup": None, "speedup_ci95": None, "verdict": None, "paired": None})
+        x["memory_reduction_pct"], x["memory_reduction_range_pct"] = _memory_reduction(ref, x)
+    _compound_speedups(o["variant"], latency_rows, margin_pct)
+
+
+def _memory_reduction(ref: dict | None, x: dict) -> tuple[float | None, list[float] | None]:
+    """Steady-state memory reduction of row ``x`` against the original at the same precision (paired repeats)."""
+    from deploycomp.bench.memory import reduction
+
+    if ref is None or ref is x:
+        return None, None
+    return reduction({"steady_rss_mib": ref.get("steady_rss_mib"), "repeats": ref.get("memory_repeats")},
+                     {"steady_rss_mib": x.get("steady_rss_mib"), "repeats": x.get("memory_repeats")})
+
+
+def _compound_speedups(original: str, latency_rows: list[dict], margin_pct: float | None) -> None:
+    """``speedup_vs_fp32``: each row against the original FP32 artifact on the same backend and batch.
+
+    What a deployer asks ("taylor-50 INT8 against what I run now"): pruning and quantization together,
+    paired like every other speed-up when both were timed in the same bench run. Rows of a backend with no
+    FP32 original (or the original FP32 itself) get none.
+    """
+    fp32 = {(x["backend"], x["batch"]): x for x in latency_rows
+            if x["variant"] == original and x["precision"] == "fp32"}
+    for x in latency_rows:
+        ref = fp32.get((x["backend"], x["batch"]))
+        if ref is None or ref is x:
+            x.update({"speedup_vs_fp32": None, "speedup_vs_fp32_ci95": None})
+            continue
+        est = speedup_against(ref, x, margin_pct)
+        x.update({"speedup_vs_fp32": est["speedup"], "speedup_vs_fp32_ci95": est["speedup_ci95"]})
 
 
 def speedup_against(ref: dict, x: dict, margin_pct: float | None = None) -> dict[str, Any]:
-    """Speed-up of latency row ``x`` over ``ref``: paired when both were timed in the same session."""
-    from deploycomp.bench.paired import DEFAULT_MARGIN_PCT, paired_speedup
+    """Speed-up of latency row ``x`` over ``ref``: paired when both were timed in the same bench run
+    (across its sessions, or over the rounds of its one session)."""
+    from deploycomp.bench.paired import DEFAULT_MARGIN_PCT, paired_between
 
     if ref is x:
         return {"speedup": 1.0, "speedup_ci95": None, "verdict": None, "paired": None}
-    a, b = ref.get("block_medians_ms") or [], x.get("block_medians_ms") or []
-    if ref.get("session") and ref.get("session") == x.get("session") and len(a) == len(b) > 0:
-        est = paired_speedup(a, b, margin_pct=DEFAULT_MARGIN_PCT if margin_pct is None else margin_pct)
+    est = paired_between(ref, x, DEFAULT_MARGIN_PCT if margin_pct is None else margin_pct)
+    if est is not None:
         return {"speedup": est.speedup, "speedup_ci95": list(est.ci95) if est.ci95 else None,
                 "verdict": est.verdict, "paired": True}
     ratio = ref["latency_median_ms"] / x["latency_median_ms"] \
@@ -279,6 +321,11 @@ def fmt(value, spec: str, row: dict | None = None) -> str:
         return "-"
     if spec == "speedup":
         return fmt_speedup(value, (row or {}).get("speedup_ci95"))
+    if spec == "speedup_vs_fp32":
+        return fmt_speedup(value, (row or {}).get("speedup_vs_fp32_ci95"))
+    if spec == "memory_reduction":
+        rng = (row or {}).get("memory_reduction_range_pct")
+        return f"{value:.1f}" + (f" [{rng[0]:.1f}, {rng[1]:.1f}]" if rng else "")
     if spec == "interval":
         return f"[{value[0]:.3f}, {value[1]:.3f}]"
     if spec == "s":
@@ -342,12 +389,15 @@ def markdown(run: dict[str, Any], studies: list[StudyReport], plots: dict[str, l
         h = s.headline
         lines += [f"- latency columns: {h['backend']} backend, {h['precision']}, batch {h['batch']} "
                   "(median and p99 of the timed iterations after warmup); speed-up against the original at the "
-                  "same precision, backend and batch" + ("; every artifact of a backend was timed in alternation in "
-                                                        "one session, so speed-ups are paired round by round, with "
-                                                        "their 95 % interval and a verdict (faster / slower / same, "
-                                                        "2 % margin)" if any(r.get("paired") for r in s.latency_rows)
-                                                        else ""),
+                  "same precision, backend and batch" + _pairing_text(s.latency_rows),
                   ""]
+        if any(r.get("steady_rss_mib") is not None for r in s.latency_rows):
+            lines += ["- memory columns: what the model costs on its runtime, in MiB above a fresh process's "
+                      "baseline after imports (ONNX Runtime processes do not import torch): load peak = peak "
+                      "resident memory while the session is built; steady = resident after warmup and the timed "
+                      "runs (weights as the runtime holds them, activations, input, output); memory red. = steady "
+                      "state against the original at the same precision [range over the paired repeats]; median "
+                      "of 3 processes per model (`deploycomp bench --memory`)", ""]
         lines += [_md_table(COLUMNS, s.rows), ""]
         if s.latency_rows:
             lines += ["### Every measurement", "", _md_table(LATENCY_COLUMNS, s.latency_rows), ""]
@@ -370,6 +420,17 @@ def markdown(run: dict[str, Any], studies: list[StudyReport], plots: dict[str, l
         for p in (plots or {}).get(s.name, []):
             lines += [f"![{Path(p).stem}]({p})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _pairing_text(latency_rows: list[dict]) -> str:
+    """How the speed-ups of a report were paired, and what their intervals cover."""
+    paired = [r for r in latency_rows if r.get("paired")]
+    if not paired:
+        return ""
+    covers = paired[0].get("interval") or "within one session"
+    return (f"; every artifact of a backend was timed in alternation, so speed-ups are paired, with their 95 % "
+            f"interval {covers} and a verdict (faster / slower / same, 2 % margin); 'vs original FP32' is the "
+            "compound speed-up against the original's FP32 artifact on the same backend and batch")
 
 
 def csv_text(studies: list[StudyReport], latency: bool = False) -> str:
@@ -395,7 +456,8 @@ def json_doc(run: dict[str, Any], studies: list[StudyReport]) -> dict[str, Any]:
             "studies": [{"name": s.name, "model": s.model, "description": s.description, "scale": s.scale,
                          "dataset": s.dataset, "synthetic": s.synthetic, "eval_samples": s.eval_samples,
                          "headline": s.headline, "notes": s.notes, "rows": s.rows,
-                         "latency": [{k: v for k, v in r.items() if k not in ("environment", "block_medians_ms")}
+                         "latency": [{k: v for k, v in r.items()
+                                      if k not in ("environment", "block_medians_ms", "sessions")}
                                      for r in s.latency_rows]}
                         for s in studies]}
 
@@ -529,6 +591,37 @@ def accuracy_latency_figure(s: StudyReport, lat: list[dict], acc_label: str):
     return fig
 
 
+def accuracy_memory_figure(s: StudyReport, rows: list[dict], acc_label: str):
+    """Accuracy vs steady-state memory on the runtime: one colour per backend, one marker per precision,
+    each backend's Pareto front, bars over the repeats' range."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = sorted({(r["precision"], r["format"]) for r in rows})
+    for b, backend in enumerate(sorted({r["backend"] for r in rows})):
+        color = colors[b % len(colors)]
+        mine = [r for r in rows if r["backend"] == backend]
+        for key in styles:
+            rs = [r for r in mine if (r["precision"], r["format"]) == key]
+            if rs:
+                ax.plot([r["steady_rss_mib"] for r in rs], [r["top1_pct"] for r in rs],
+                        MARKERS[styles.index(key) % len(MARKERS)], color=color, label=f"{backend} {key[0]} ({key[1]})")
+        front = [mine[i] for i in pareto_front([(r["steady_rss_mib"], r["top1_pct"]) for r in mine])]
+        ax.step([r["steady_rss_mib"] for r in front], [r["top1_pct"] for r in front], where="post",
+                linestyle="--", color=color, alpha=0.6, label=f"{backend}: Pareto front")
+    ax.set_xlabel(f"steady-state memory on the runtime (MiB above a fresh process's baseline) at batch "
+                  f"{s.headline['batch']}")
+    ax.set_ylabel(acc_label)
+    ax.set_title(f"{s.name}: accuracy vs memory")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.12)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    label_points(ax, [r["steady_rss_mib"] for r in rows], [r["top1_pct"] for r in rows], [r["variant"] for r in rows])
+    return fig
+
+
 def _log_x(ax) -> None:
     """A log x axis ticked at 1, 2, 5 x 10^k and labelled as plain numbers (0.2, 1, 5)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -581,6 +674,10 @@ def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
     if lat:
         fig = accuracy_latency_figure(s, lat, acc_label)
         save(fig, "accuracy_vs_latency")
+    mem = [r for r in s.latency_rows if r["batch"] == batch and r.get("top1_pct") is not None
+           and r.get("steady_rss_mib") is not None]
+    if mem:
+        save(accuracy_memory_figure(s, mem, acc_label), "accuracy_vs_memory")
 
     combos = sorted({(r["backend"], r["precision"], r["format"]) for r in s.latency_rows})
     if combos and len({r["batch"] for r in s.latency_rows}) > 1:

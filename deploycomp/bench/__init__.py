@@ -120,7 +120,8 @@ def plan(artifacts: Sequence[str], backend: str = "auto") -> list[tuple[str, str
     return pairs
 
 
-def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig | None = None) -> list[dict]:
+def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig | None = None,
+              names: Sequence[str] | None = None) -> list[dict]:
     """Benchmark the artifacts together at each batch size; results in the order given, compared to the first.
 
     ``artifacts``: checkpoint paths, zoo names, ``.onnx`` files or TensorRT engines (``None``: the
@@ -128,6 +129,7 @@ def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig 
     at once and timed in interleaved rounds; the speed-up of each against the first on the same backend
     and batch is paired round by round and combined across sessions. With ``config.memory`` each
     (artifact, batch) is also measured in processes of its own (:mod:`deploycomp.bench.memory`).
+    ``names`` (one per artifact, e.g. the pipeline's variant names) say in warnings which model is meant.
     """
     from deploycomp.bench.sessions import run_sessions
     from deploycomp.checkpoint import default_model
@@ -148,6 +150,10 @@ def benchmark(artifacts: str | Sequence[str] | None = None, config: BenchConfig 
             results = run_sessions(job, n, progress=lambda i, k: show(f"session {i}/{k}"))
     if config.memory:
         _attach_memory(results, pairs, config)
+    if names is not None:
+        by_artifact = dict(zip((str(a) for a, _ in pairs), names, strict=True))
+        for r in results:
+            r["name"] = by_artifact[str(r["artifact"])]
     compare(results, margin_pct=config.margin())
     if config.memory:
         from deploycomp.bench.memory import reductions
@@ -173,7 +179,7 @@ def warn_summary(results: list[dict]) -> None:
 
 def _who(r: dict) -> str:
     """``magnitude-30 int8, ort, batch 8``: which result a warning is about."""
-    name = r.get("branch") or r["label"]
+    name = r.get("name") or r["label"]
     precision = r.get("precision")
     return f"{name}{' ' + precision if precision else ''}, {r['backend']}, batch {r['batch']}"
 

@@ -134,6 +134,10 @@ class Runner:
         import torch_pruning  # noqa: F401
         import torchvision  # noqa: F401
 
+        import deploycomp.checkpoint  # noqa: F401
+        import deploycomp.metrics  # noqa: F401
+        import deploycomp.zoo  # noqa: F401
+
     def __enter__(self) -> Runner:
         self.activate()
         return self
@@ -146,6 +150,21 @@ class Runner:
 
     def deactivate(self) -> None:
         """Free what ``activate`` loaded."""
+
+    @classmethod
+    def memory_artifact(cls, artifact: str, options: RunnerOptions, workdir: Path) -> str | None:
+        """In the parent, before a memory process starts: work the measurement must not count (file checks,
+        deploycomp's own rebuilding of a model). Returns a file for :meth:`load_for_memory`, or None."""
+        return None
+
+    def load_for_memory(self, prepared: str | None) -> None:
+        """In the memory process, after its baseline: load what a deployment loads (default: :meth:`activate`)."""
+        self.activate()
+
+    @classmethod
+    def configure_process(cls, options: RunnerOptions) -> None:
+        """In the memory process, before its baseline: process-wide settings (thread pools) a deployment makes
+        at start-up, so that changing them is not counted as the model's memory."""
 
     def prepare(self, batch: int) -> None:
         raise NotImplementedError
@@ -219,6 +238,40 @@ class TorchRunner(Runner):
 
     def _wrap(self, model):
         return model
+
+    @classmethod
+    def memory_artifact(cls, artifact: str, options: RunnerOptions, workdir: Path) -> str | None:
+        """Rebuild the model here (deploycomp replays the pruning history, counts MACs) and save the module:
+        the memory process then measures ``torch.load`` of a module, what a deployment does, not our rebuild."""
+        import torch
+
+        with cls(artifact, options) as runner:
+            path = workdir / f"module-{abs(hash((artifact, str(workdir)))):x}.pt"
+            torch.save({"module": getattr(runner.model, "_orig_mod", runner.model), "info": runner.info,
+                        "input_shape": runner.input_shape}, path)
+        return str(path)
+
+    @classmethod
+    def configure_process(cls, options: RunnerOptions) -> None:
+        import torch
+
+        if options.threads:
+            torch.set_num_threads(options.threads)
+
+    def load_for_memory(self, prepared: str | None) -> None:
+        import torch
+
+        if prepared is None:
+            self.activate()
+            return
+        self._threads_before = torch.get_num_threads()
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        saved = torch.load(prepared, weights_only=False)  # written by memory_artifact in the parent process
+        self.info, self.input_shape = saved["info"], tuple(saved["input_shape"])
+        self.model = self._wrap(saved["module"].eval().to(self.device))
+        self._mode = torch.inference_mode()
+        self._mode.__enter__()
 
     def deactivate(self) -> None:
         import torch
@@ -355,7 +408,8 @@ class OrtRunner(Runner):
 
         from deploycomp.export import check_onnx_file
 
-        path = check_onnx_file(self.artifact)
+        # the file check parses the whole protobuf: a memory measurement does it before its baseline
+        path = Path(self.artifact) if getattr(self, "_file_checked", False) else check_onnx_file(self.artifact)
         provider = self.options.provider or ("cuda" if self.device.startswith("cuda") else "cpu")
         names, self.ort_device = ORT_PROVIDERS[provider]
         self.device_id = int(self.device.split(":")[1]) if ":" in self.device else 0
@@ -427,6 +481,18 @@ class OrtRunner(Runner):
 
     def deactivate(self) -> None:
         self.session = self.binding = self.x_ort = self.outputs = None
+
+    @classmethod
+    def memory_artifact(cls, artifact: str, options: RunnerOptions, workdir: Path) -> str | None:
+        """The file check parses the whole protobuf; done here, in the parent, its garbage stays out of the figure."""
+        from deploycomp.export import check_onnx_file
+
+        check_onnx_file(artifact)
+        return None
+
+    def load_for_memory(self, prepared: str | None) -> None:
+        self._file_checked = True  # by memory_artifact, in the parent
+        self.activate()
 
     def prepare(self, batch: int) -> None:
         import numpy as np

@@ -103,6 +103,7 @@ def measure_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from deploycomp.bench import BenchConfig
     from deploycomp.bench.backends import get_backend
+    from deploycomp.bench.conditions import Conditions  # noqa: F401  imported by the harness: before the baseline
     from deploycomp.bench.timing import TimingConfig, measure_rounds
 
     (artifact, backend), = job["artifacts"]
@@ -112,10 +113,12 @@ def measure_job(job: dict[str, Any]) -> dict[str, Any]:
     runner_cls.preload()
     options = cfg.runner_options()
     runner = runner_cls(artifact, options)
+    runner_cls.configure_process(options)
     gc.collect()
     base = rss_mib()
     resettable = reset_peak()
-    with runner:
+    runner.load_for_memory(job.get("prepared"))
+    try:
         load_peak, loaded = peak_rss_mib(), rss_mib()
         reset_peak()
         runner.prepare(batch)
@@ -138,6 +141,8 @@ def measure_job(job: dict[str, Any]) -> dict[str, Any]:
         out.update(runner.memory())
         if runner.device.startswith("cuda"):
             out["nvml_process_memory_mib"] = nvml_process_memory_mib(int(runner.device.split(":")[1]))
+    finally:
+        runner.deactivate()
     return {"memory": out}
 
 
@@ -154,21 +159,27 @@ def measure(pairs: list[tuple[str, str]], config, repeats: int = MEMORY_REPEATS)
     """
     import dataclasses
     import statistics
+    import tempfile
+    from pathlib import Path
 
     from deploycomp import console
+    from deploycomp.bench.backends import get_backend
     from deploycomp.bench.worker import run_isolated
 
     base_cfg = {**dataclasses.asdict(config), "memory": False, "pin_cores": None}
     base_cfg["input_size"] = list(config.input_size) if config.input_size else None
     runs: dict[tuple, list[dict]] = {}
     jobs = [(a, b, batch) for a, b in pairs for batch in config.batches]
-    with console.status_line(f"memory: {len(jobs)} measurement{'s' if len(jobs) > 1 else ''} x {repeats}, "
-                             "each in a fresh process") as show:
+    with tempfile.TemporaryDirectory(prefix="deploycomp-memory-") as tmp, \
+            console.status_line(f"memory: {len(jobs)} measurement{'s' if len(jobs) > 1 else ''} x {repeats}, "
+                                "each in a fresh process") as show:
+        prepared = {(a, b): get_backend(b).memory_artifact(str(a), config.runner_options(), Path(tmp))
+                    for a, b in pairs}
         for i in range(repeats):
             for k, (artifact, backend, batch) in enumerate(jobs if i % 2 == 0 else jobs[::-1]):
                 show(f"repeat {i + 1}/{repeats}, {k + 1}/{len(jobs)}")
                 job = {"kind": "memory", "artifacts": [[str(artifact), backend]],
-                       "config": {**base_cfg, "batches": [batch]}}
+                       "config": {**base_cfg, "batches": [batch]}, "prepared": prepared[(artifact, backend)]}
                 runs.setdefault((str(artifact), backend, batch), []).append(run_isolated(job)["memory"])
     out = {}
     for key, reps in runs.items():
@@ -182,21 +193,25 @@ def measure(pairs: list[tuple[str, str]], config, repeats: int = MEMORY_REPEATS)
     return out
 
 
-def reductions(results: list[dict]) -> None:
-    """Steady-state memory reduction of each result against its reference, paired repeat by repeat, in place.
+def reduction(reference: dict, mem: dict) -> tuple[float | None, list[float] | None]:
+    """Steady-state reduction of ``mem`` against ``reference`` (memory figures): the percentage from the
+    medians, and the range of the per-repeat reductions (repeat i of one against repeat i of the other)."""
+    if not mem.get("steady_rss_mib") or not reference.get("steady_rss_mib"):
+        return None, None
+    pct = 100.0 * (1.0 - mem["steady_rss_mib"] / reference["steady_rss_mib"])
+    pairs = zip(reference.get("repeats") or [], mem.get("repeats") or [], strict=False)
+    per = [100.0 * (1.0 - b["steady_rss_mib"] / a["steady_rss_mib"]) for a, b in pairs
+           if a.get("steady_rss_mib") and b.get("steady_rss_mib")]
+    return pct, ([min(per), max(per)] if per else None)
 
-    ``memory_reduction_pct`` = 100 x (1 - this / reference) from the medians; ``memory_reduction_range_pct``
-    the range of the per-repeat reductions (repeat i of the reference against repeat i of this model).
-    """
-    by_label = {(r["label"], r["backend"], r["batch"], r.get("device")): r for r in results}
+
+def reductions(results: list[dict]) -> None:
+    """``memory_reduction_pct`` / ``memory_reduction_range_pct`` of each result against its reference (the first
+    result on the same backend, device and batch, as for speed-ups), in place."""
+    refs: dict[tuple, dict] = {}
     for r in results:
-        mem = r.get("memory") or {}
-        ref = by_label.get((r.get("reference"), r["backend"], r["batch"], r.get("device")))
-        ref_mem = (ref or {}).get("memory") or {}
-        if not mem.get("steady_rss_mib") or not ref_mem.get("steady_rss_mib") or ref is r:
+        ref = refs.setdefault((r["batch"], r["backend"], r.get("device")), r)
+        mem = r.get("memory")
+        if ref is r or not mem:
             continue
-        mem["memory_reduction_pct"] = 100.0 * (1.0 - mem["steady_rss_mib"] / ref_mem["steady_rss_mib"])
-        pairs = zip(ref_mem.get("repeats") or [], mem.get("repeats") or [], strict=False)
-        per = [100.0 * (1.0 - b["steady_rss_mib"] / a["steady_rss_mib"]) for a, b in pairs
-               if a.get("steady_rss_mib") and b.get("steady_rss_mib")]
-        mem["memory_reduction_range_pct"] = [min(per), max(per)] if per else None
+        mem["memory_reduction_pct"], mem["memory_reduction_range_pct"] = reduction(ref.get("memory") or {}, mem)

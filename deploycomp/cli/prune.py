@@ -183,6 +183,7 @@ def reproduce_lines(lat: dict | None) -> list[str]:
     """Where the latency target holds, and the commands that measure the pruned model there."""
     if not lat or not lat.get("reproduce"):
         return []
+    from deploycomp.bench.sessions import DEFAULT_SESSIONS
     from deploycomp.prune.latency import DEFAULT_CPU_THREADS, VERIFY_SESSIONS
     from deploycomp.prune.probes import Setup
 
@@ -191,8 +192,8 @@ def reproduce_lines(lat: dict | None) -> list[str]:
     if s["threads"]:
         lines.append(f"bench's defaults differ: prune searches at {DEFAULT_CPU_THREADS} thread unless "
                      "--latency-threads (reproducible on a shared machine); bench runs on every core unless --threads.")
-    lines.append(f"Measure it under them (the search's speed-up is over {VERIFY_SESSIONS} sessions; one bench run "
-                 "is one):")
+    lines.append(f"Measure it under them (the search's speed-up is over {VERIFY_SESSIONS} sessions; bench's over "
+                 f"{DEFAULT_SESSIONS}, each a fresh process):")
     lines += [f"  {c}" for c in r["commands"]]
     if r["caveat"]:
         lines.append(f"Note: {r['caveat']}")

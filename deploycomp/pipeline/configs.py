@@ -51,4 +51,7 @@ def _distill_params(d: dict) -> dict[str, Any]:
 def bench_config(b: dict, backend: str, device: str | None):
     from deploycomp.bench import BenchConfig
 
-    return BenchConfig(backend=backend, device=device, **_given(b, ("backends", "backend")))
+    given = _given(b, ("backends", "backend"))
+    if isinstance(given.get("memory"), list | tuple):  # memory: [ort] -> only that backend's stage measures it
+        given["memory"] = backend in given["memory"]
+    return BenchConfig(backend=backend, device=device, **given)

@@ -160,8 +160,10 @@ def _build_section() -> Section:
 def _bench_section() -> Section:
     from deploycomp.bench import BenchConfig
 
+    # memory: true (every backend) or the backends whose artifacts get memory figures, e.g. [ort]
     return _section("bench", BenchConfig, drop=("backend", "device"),
-                    add={"backends": tuple[str, ...]}, replace={"batches": tuple[int, ...]})
+                    add={"backends": tuple[str, ...]},
+                    replace={"batches": tuple[int, ...], "memory": bool | tuple[str, ...]})
 
 
 def _study_fields() -> dict[str, Any]:

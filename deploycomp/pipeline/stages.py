@@ -285,7 +285,7 @@ def _stage_bench(run: StageRun) -> dict[str, Any]:
     cfg = bench_config(_given(o, ("artifacts",)), o["backend"], run.study.device)
     console.info(f"{run.stage.label}: timing {len(paths)} artifacts in alternation ({o['backend']}, batch "
                  f"{', '.join(map(str, cfg.batches))})")
-    results = bench.benchmark(paths, cfg)
+    results = bench.benchmark(paths, cfg, names=[item["branch"] for item in listing])
     by_path = dict(zip(paths, zip(listing, run.stage.inputs["artifacts"], strict=True), strict=True))
     for r in results:  # which branch and precision each row is, for the report
         item, source_stage = by_path[r["artifact"]]
