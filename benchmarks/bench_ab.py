@@ -143,6 +143,22 @@ def fewer_sessions(rs: list[dict], k: int) -> dict | None:
     return {"held_others": held, "median_half_width_pct": half, "same": same, "held_one": holds_one, "n": len(ests)}
 
 
+def levels(rs: list[dict]) -> dict | None:
+    """How far the runs' estimates spread, against what their sessions predict (log units, as %).
+
+    ``between_runs_pct``: SD of the runs' log speed-ups; ``predicted_pct``: the root mean of each run's
+    between-session variance / n (what the runs would spread if sessions were all that varied). A larger
+    first figure means a level above the session (minutes apart on the machine) adds variance of its own.
+    """
+    runs = [[math.log(x) for x in r["session_speedups"]] for r in rs if len(r["session_speedups"]) >= 2]
+    if len(runs) < 3:
+        return None
+    means = [sum(v) / len(v) for v in runs]
+    predicted = st.mean(st.variance(v) / len(v) for v in runs)
+    return {"between_runs_pct": 100 * st.stdev(means), "predicted_pct": 100 * math.sqrt(predicted),
+            "session_sd_pct": 100 * math.sqrt(st.mean(st.variance(v) for v in runs))}
+
+
 def report(results: dict[str, list[dict]], args, env: dict, seconds: float) -> str:
     lines = ["# Does a `deploycomp bench` interval hold when the benchmark is run again? (issues 11, 21)", "",
              f"Command: `python benchmarks/bench_ab.py --before {args.before_label} --reps {args.reps}` "
@@ -188,6 +204,18 @@ def report(results: dict[str, list[dict]], args, env: dict, seconds: float) -> s
                 lines.append(f"| {backend} | {setting} | {k} | {b['held_others']} of {b['n']} | "
                              f"{b['median_half_width_pct']:.1f} % | {a['same']} of {a['n']} | "
                              f"{a['held_one']} of {a['n']} |")
+    lines += ["", "## Levels: sessions against runs (after)", "",
+              "SD of the runs' log speed-ups against what their sessions predict (each run's between-session "
+              "variance / sessions): a larger first column means something slower than a session (minutes on "
+              "the machine) varies too.", "",
+              "| pair | threads | SD between sessions | SD between runs | predicted from sessions |",
+              "|---|---|---:|---:|---:|"]
+    for key, rs in results.items():
+        pair, setting, version = key.split(" | ")
+        lv = levels(rs) if version == "after" else None
+        if lv:
+            lines.append(f"| {pair} | {setting} | {lv['session_sd_pct']:.2f} % | {lv['between_runs_pct']:.2f} % | "
+                         f"{lv['predicted_pct']:.2f} % |")
     lines += ["", "## Every run", "", "| pair | threads | version | rep | speed-up [95 % interval] | verdict | "
               "sessions' speed-ups | other CPU % | wall s |", "|---|---|---|---:|---|---|---|---:|---:|"]
     for key, rs in results.items():

@@ -227,3 +227,24 @@ def test_torch_compile_compiles_in_warmup(tiny_model):
     assert r["backend"] == "torch-compile" and r["extra"]["compile_mode"] == "default"
     assert r["warmup_s"] > 1.0  # the compilation happened here ...
     assert r["latency_ms"]["max"] < 1000  # ... and not in a timed iteration
+
+
+def test_sessions_run_in_fresh_processes_without_torch_for_onnx(tiny_onnx, tmp_path):
+    """Three sessions, each a fresh process that loads both models anew; ONNX Runtime's never imports torch."""
+    import math
+    import shutil
+
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(tiny_onnx, copy)
+    cfg = BenchConfig(device="cpu", **{**FAST, "sessions": 3})
+    ref, r = benchmark([str(tiny_onnx), str(copy)], cfg)
+    for x in (ref, r):
+        assert x["interval"] == "across 3 sessions (fresh processes)" and len(x["sessions"]) == 3
+        assert x["iterations"] == 3 * FAST["iters"] and [s["iterations"] for s in x["sessions"]] == [30] * 3
+        assert x["environment"]["torch_threads"] is None  # torch was never imported in the session's process
+        assert x["session"] == ref["session"]
+    assert len({s["session"] for s in r["sessions"]}) == 3
+    per = [s["speedup"] for s in r["sessions"]]
+    assert r["paired"] is True and r["speedup"] == pytest.approx(math.exp(sum(map(math.log, per)) / 3))
+    assert r["speedup_ci95"][0] <= r["speedup"] <= r["speedup_ci95"][1]
+    assert r["verdict"] in ("same", "faster", "slower")

@@ -413,11 +413,12 @@ def read_results(path: str) -> list[dict]:
     return doc["results"]
 
 
-def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, list[str], list[list]]]:
-    """(title, columns, rows) of the terminal tables: latency; comparison (several artifacts); memory.
+def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, list[str], list[list], list[str]]]:
+    """(title, columns, rows, optional columns) of the terminal tables: latency; comparison; memory.
 
-    Kept narrow (seven columns each) so they stay readable in an 80-column terminal or a CI log. Each
-    title says what its intervals cover (across sessions, or within one session).
+    No cell is wrapped: the optional columns are left out, in order, until a table fits the terminal
+    (``deploycomp.console.table``). Each title says what its intervals cover (across sessions, or within
+    one session).
     """
     from deploycomp.bench.paired import fmt_interval, fmt_speedup
 
@@ -428,20 +429,22 @@ def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, li
     out = [(f"latency in ms (run + sync, inputs on the device); median with its 95% interval {covers}",
             ["model", "backend", "batch", "median [95% interval]", "p99", "rounds", "img/s"],
             [[*name(r), fmt_interval(median_ms(r), r.get("latency_median_ci95_ms")),
-              r["latency_ms"]["p99"], r.get("rounds"), r["throughput_ips"]] for r in results])]
+              r["latency_ms"]["p99"], r.get("rounds"), r["throughput_ips"]] for r in results],
+            ["rounds", "p99", "img/s", "backend"])]
     if len({r["artifact"] for r in results}) > 1:
         out.append(("compared with the first model on the same backend and batch, timed in alternation: "
                     f"speed-up [95% interval {covers}] and verdict; efficiency = speed-up / MACs reduction",
                     ["model", "backend", "batch", "MACs red.", "speed-up [95% interval]", "verdict", "efficiency"],
                     [[*name(r), r["macs_reduction"], fmt_speedup(r["speedup"], r.get("speedup_ci95")),
                       r.get("verdict") or ("reference" if r.get("paired") is None else "-"),
-                      r["speedup_efficiency"]] for r in results]))
+                      r["speedup_efficiency"]] for r in results],
+                    ["efficiency", "MACs red.", "backend"]))
     if with_memory:
         out.append(memory_table(results, name))
     return out
 
 
-def memory_table(results: list[dict], name) -> tuple[str, list[str], list[list]]:
+def memory_table(results: list[dict], name) -> tuple[str, list[str], list[list], list[str]]:
     """The memory table: what each model costs on its runtime, in a fresh process of its own."""
     from deploycomp.bench.memory import MEMORY_REPEATS
 
@@ -461,7 +464,8 @@ def memory_table(results: list[dict], name) -> tuple[str, list[str], list[list]]
     rows = [[*name(r), *(cell(r.get("memory") or {}, k) for k in ("load_peak_rss_mib", "steady_rss_mib",
                                                                     "weights_mib")),
              reduction(r.get("memory") or {})] for r in results]
-    return title, ["model", "backend", "batch", "load peak", "steady", "weights", "reduction"], rows
+    return (title, ["model", "backend", "batch", "load peak", "steady", "weights", "reduction"], rows,
+            ["weights", "load peak", "backend"])
 
 
 def describe_environment(results: list[dict]) -> str:

@@ -187,7 +187,7 @@ def measure(pairs: list[tuple[str, str]], config, repeats: int = MEMORY_REPEATS)
         for name in FIGURES:
             values = [r[name] for r in reps if r.get(name) is not None]
             fig[name] = statistics.median(values) if values else None
-            fig[f"{name[:-4]}_range_mib"] = [min(values), max(values)] if values else None
+            fig[f"{name.removesuffix('_rss_mib')}_range_mib"] = [min(values), max(values)] if values else None
         fig["repeats"] = [{k: r.get(k) for k in FIGURES} for r in reps]
         out[key] = fig
     return out

@@ -49,7 +49,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if cfg.pin_cores and options.threads is None:
             options.threads = len(cfg.pin_cores)  # one intra-op thread per pinned core
         options.interleaved = len(pairs) > 1
-        runners = [stack.enter_context(get_backend(backend)(artifact, options)) for artifact, backend in pairs]
+        # the load order alternates between sessions: an artifact loaded second may land in memory
+        # differently from one loaded first, and no artifact should always be the second
+        order = list(range(len(pairs)))[::-1] if index % 2 else list(range(len(pairs)))
+        loaded = {i: stack.enter_context(get_backend(pairs[i][1])(pairs[i][0], options)) for i in order}
+        runners = [loaded[i] for i in range(len(pairs))]
         for batch in cfg.batches:
             what = runners[0].describe().get("label") if len(runners) == 1 else f"{len(runners)} models"
             backends = ", ".join(dict.fromkeys(x.name for x in runners))

@@ -110,8 +110,8 @@ def bench(opts: dict) -> None:
         write_csv(opts["csv_file"], results)
     if "-" in (opts["json_file"], opts["csv_file"]):
         return
-    for title, cols, rows in tables(results, with_memory=config.memory):
-        console.table(title, cols, rows)
+    for title, cols, rows, optional in tables(results, with_memory=config.memory):
+        console.table(title, cols, rows, optional=optional)
     console.info(describe_environment(results))
     if config.io == "host":
         console.table("host <-> device copies (ms, median)", ["model", "batch", "H2D", "D2H"],
