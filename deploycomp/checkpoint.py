@@ -149,7 +149,7 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 def load_model(ref: str | None = None, *, arch: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, weights: str | None = None, trust_pickle: bool = False,
                input_size: tuple[int, int] | None = None, model_kwargs: dict[str, Any] | None = None,
-               code_option: str = "--arch") -> Checkpoint:
+               code_option: str = "--arch", trust_option: str | None = None) -> Checkpoint:
     """Resolve ``ref`` into a :class:`Checkpoint`.
 
     ``ref`` is a deploycomp checkpoint, a plain state dict (with ``arch``), a pickled module (only with
@@ -157,8 +157,8 @@ def load_model(ref: str | None = None, *, arch: str | None = None, num_classes: 
     (``file.py:factory``, ``package.module:factory``) called with ``model_kwargs``. ``None`` means the
     shipped baseline. ``weights`` is a local state-dict file, or the name of published weights
     (torchvision, timm). A checkpoint built from user code reloads only with that code named as ``arch``;
-    ``code_option`` is how the caller's user names it (``--arch``, ``--teacher-arch``, a recipe key), for
-    the messages.
+    ``code_option`` is how the caller's user names it (``--arch``, ``--teacher-arch``, a recipe key), and
+    ``trust_option`` the flag that sets ``trust_pickle`` (None: the caller has none), for the messages.
     """
     ref = ref or default_model()
     if _looks_like_path(ref):
@@ -166,7 +166,8 @@ def load_model(ref: str | None = None, *, arch: str | None = None, num_classes: 
             raise UsageError(f"--weights applies to a model built from a name or code; {ref} is a file that "
                              "brings its own weights")
         return load_checkpoint(ref, arch=arch, num_classes=num_classes, in_channels=in_channels,
-                               trust_pickle=trust_pickle, model_kwargs=model_kwargs, code_option=code_option)
+                               trust_pickle=trust_pickle, model_kwargs=model_kwargs, code_option=code_option,
+                               trust_option=trust_option)
     from deploycomp.files import sha256
     from deploycomp.zoo import build_model, get_spec, infer_in_channels
 
@@ -278,22 +279,24 @@ def _is_pickle_container(path: Path) -> bool:
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
                     in_channels: int | None = None, trust_pickle: bool = False,
-                    model_kwargs: dict[str, Any] | None = None, code_option: str = "--arch") -> Checkpoint:
+                    model_kwargs: dict[str, Any] | None = None, code_option: str = "--arch",
+                    trust_option: str | None = None) -> Checkpoint:
     """Load a file: deploycomp checkpoint, plain state dict (needs ``arch``) or trusted pickled module.
 
     A deploycomp checkpoint built from user code names that code but never runs it on its own: ``arch``
     must name the code (the recorded entry point, or where it lives now). ``code_option`` is the option
-    (or recipe key) that gives ``arch`` where the caller's user types it; messages tell them to use it.
+    (or recipe key) that gives ``arch`` where the caller's user types it, ``trust_option`` the flag that
+    sets ``trust_pickle`` there (None: there is none); messages tell them to use these.
     """
     path = require_file(path, "model file")
     try:
         payload = _torch_load_safe(path)
     except _PickledObjects:
         if not trust_pickle:
+            trust = f"if you trust its origin pass {trust_option}, or " if trust_option else ""
             raise CheckpointError(
                 f"{path} contains pickled Python objects, which can run arbitrary code when loaded; "
-                "if you trust its origin pass --trust-pickle, or save its state_dict() and load that "
-                f"with {code_option} NAME") from None
+                f"{trust}save its state_dict() and load that with {code_option} NAME") from None
         return _load_pickled_module(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         if model_kwargs:

@@ -282,3 +282,16 @@ def test_name_the_code_errors_name_an_option_the_command_has(cli, net_file, tmp_
     result = cli(*[a.format(ckpt="user.pt") if isinstance(a, str) else a for a in args], ok=False)
     assert_one_line_error(result, f"user.pt was built by user code {entry}", f"so name it: {option} {entry} ")
     assert option in {o for p in command.params for o in p.opts}
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["export", "-m", "module.pt"], "if you trust its origin pass --trust-pickle, or save its state_dict() and load "
+                                    "that with --arch NAME"),
+    (["distill", "--teacher", "module.pt", "--student", "light_resnet18", *FAST],
+     "run arbitrary code when loaded; save its state_dict() and load that with --teacher-arch NAME"),
+    (["distill", "--teacher", "light_resnet18", "--student", "module.pt", *FAST],
+     "run arbitrary code when loaded; save its state_dict() and load that with --student-arch NAME"),
+])
+def test_a_pickled_module_is_refused_naming_only_options_the_command_has(cli, tmp_path, args, fragment):
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), tmp_path / "module.pt")
+    assert_one_line_error(cli(*args, ok=False), "module.pt contains pickled Python objects", fragment)
