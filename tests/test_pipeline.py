@@ -327,3 +327,23 @@ def test_an_arch_is_for_a_checkpoint_file(cli, net_file, tmp_path):
     write(recipe, recipe.read_text().replace(f"arch: {entry}\n", ""))  # the line at the end
     assert_one_line_error(cli("pipeline", recipe, "-o", tmp_path / "run", ok=False),
                           "r.yaml: variants[0].distill.teacher_arch: is for a checkpoint", "'parent'")
+
+
+def test_one_torch_benchmark_rebuilds_checkpoints_of_one_user_code_only(cli, tmp_path, one_torch_thread):
+    """bench takes one arch: a variant trained from other user code is refused there, with what to do."""
+    from tests.conftest import USER_NET
+
+    write(tmp_path / "user_net.py", USER_NET)
+    write(tmp_path / "other_net.py", USER_NET)
+    recipe = write(tmp_path / "two.yaml", """
+name: two
+model: user_net.py:build
+data: {name: synthetic, eval_samples: 32, eval_batch: 32}
+variants:
+  - {name: other, train: {model: other_net.py:build, epochs: 1, train_samples: 32, batch_size: 32}}
+bench: {backends: [torch], batches: [1], iters: 2, warmup: 0, warmup_ms: 0, threads: 1}
+""")
+    result = cli("pipeline", recipe, "-o", tmp_path / "run", ok=False)
+    assert_one_line_error(result, "bench torch (2 artifacts, paired): its checkpoints are built from different user "
+                                  "code (other_net.py:build, user_net.py:build)", "time them on ort (export)")
+    assert _run_doc(tmp_path / "run")["status"] == "failed"

@@ -73,6 +73,8 @@ class StudyPlan:
         """The user code a checkpoint of this run was built from, when the recipe names it (else None)."""
         from deploycomp.checkpoint import recorded_code
 
+        if not self.code:  # nothing named: nothing to read
+            return None
         entry = recorded_code(path)
         return entry if entry in self.code else None
 
