@@ -148,14 +148,17 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 def load_model(ref: str | None = None, *, arch: str | None = None, num_classes: int | None = None,
                in_channels: int | None = None, weights: str | None = None, trust_pickle: bool = False,
-               input_size: tuple[int, int] | None = None, model_kwargs: dict[str, Any] | None = None) -> Checkpoint:
+               input_size: tuple[int, int] | None = None, model_kwargs: dict[str, Any] | None = None,
+               code_option: str = "--arch", trust_option: str | None = None) -> Checkpoint:
     """Resolve ``ref`` into a :class:`Checkpoint`.
 
     ``ref`` is a deploycomp checkpoint, a plain state dict (with ``arch``), a pickled module (only with
     ``trust_pickle``), or a model built fresh: a zoo name, ``timm:NAME`` or user code
     (``file.py:factory``, ``package.module:factory``) called with ``model_kwargs``. ``None`` means the
     shipped baseline. ``weights`` is a local state-dict file, or the name of published weights
-    (torchvision, timm). A checkpoint built from user code reloads only with that code named as ``arch``.
+    (torchvision, timm). A checkpoint built from user code reloads only with that code named as ``arch``;
+    ``code_option`` is how the caller's user names it (``--arch``, ``--teacher-arch``, a recipe key), and
+    ``trust_option`` the flag that sets ``trust_pickle`` (None: the caller has none), for the messages.
     """
     ref = ref or default_model()
     if _looks_like_path(ref):
@@ -163,7 +166,8 @@ def load_model(ref: str | None = None, *, arch: str | None = None, num_classes: 
             raise UsageError(f"--weights applies to a model built from a name or code; {ref} is a file that "
                              "brings its own weights")
         return load_checkpoint(ref, arch=arch, num_classes=num_classes, in_channels=in_channels,
-                               trust_pickle=trust_pickle, model_kwargs=model_kwargs)
+                               trust_pickle=trust_pickle, model_kwargs=model_kwargs, code_option=code_option,
+                               trust_option=trust_option)
     from deploycomp.files import sha256
     from deploycomp.zoo import build_model, get_spec, infer_in_channels
 
@@ -275,35 +279,39 @@ def _is_pickle_container(path: Path) -> bool:
 
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
                     in_channels: int | None = None, trust_pickle: bool = False,
-                    model_kwargs: dict[str, Any] | None = None) -> Checkpoint:
+                    model_kwargs: dict[str, Any] | None = None, code_option: str = "--arch",
+                    trust_option: str | None = None) -> Checkpoint:
     """Load a file: deploycomp checkpoint, plain state dict (needs ``arch``) or trusted pickled module.
 
     A deploycomp checkpoint built from user code names that code but never runs it on its own: ``arch``
-    must name the code (the recorded entry point, or where it lives now).
+    must name the code (the recorded entry point, or where it lives now). ``code_option`` is the option
+    (or recipe key) that gives ``arch`` where the caller's user types it, ``trust_option`` the flag that
+    sets ``trust_pickle`` there (None: there is none); messages tell them to use these.
     """
     path = require_file(path, "model file")
     try:
         payload = _torch_load_safe(path)
     except _PickledObjects:
         if not trust_pickle:
+            trust = f"if you trust its origin pass {trust_option}, or " if trust_option else ""
             raise CheckpointError(
                 f"{path} contains pickled Python objects, which can run arbitrary code when loaded; "
-                "if you trust its origin pass --trust-pickle, or save its state_dict() and load that "
-                "with --arch NAME") from None
+                f"{trust}save its state_dict() and load that with {code_option} NAME") from None
         return _load_pickled_module(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         if model_kwargs:
             raise UsageError(f"--model-kwargs: {path} is a deploycomp checkpoint that records its own constructor "
                              "arguments")
-        return _from_payload(payload, path, arch)
+        return _from_payload(payload, path, arch, code_option)
     state = _state_dict_of(payload)
     if state is not None:
-        return _from_state_dict(state, path, arch, num_classes, in_channels, model_kwargs or {})
+        return _from_state_dict(state, path, arch, num_classes, in_channels, model_kwargs or {}, code_option)
     raise CheckpointError(f"{path} is neither a deploycomp checkpoint nor a state dict; "
                           "nothing in it can be turned into a model")
 
 
-def _from_payload(payload: dict[str, Any], path: Path, arch: str | None = None) -> Checkpoint:
+def _from_payload(payload: dict[str, Any], path: Path, arch: str | None = None,
+                  code_option: str = "--arch") -> Checkpoint:
     from deploycomp.zoo import build_model
 
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -313,7 +321,7 @@ def _from_payload(payload: dict[str, Any], path: Path, arch: str | None = None) 
     except KeyError as e:
         raise CheckpointError(f"{path} is a damaged deploycomp checkpoint (missing {e})") from None
     metadata = dict(payload.get("metadata", {}))
-    build_arch = _user_code_arch(recorded, arch, path, metadata)
+    build_arch = _user_code_arch(recorded, arch, path, metadata, code_option)
     model = build_model(build_arch, **kwargs)
     try:
         ckpt = Checkpoint(model, build_arch, kwargs, list(payload.get("surgeries", [])), metadata, str(path))
@@ -329,7 +337,8 @@ def _from_payload(payload: dict[str, Any], path: Path, arch: str | None = None) 
     return ckpt
 
 
-def _user_code_arch(recorded: str, given: str | None, path: Path, metadata: dict[str, Any]) -> str:
+def _user_code_arch(recorded: str, given: str | None, path: Path, metadata: dict[str, Any],
+                    code_option: str = "--arch") -> str:
     """The architecture to rebuild: ``recorded``, unless it is user code, which must be named (``given``)."""
     from deploycomp import console
     from deploycomp.files import sha256
@@ -339,9 +348,9 @@ def _user_code_arch(recorded: str, given: str | None, path: Path, metadata: dict
         return recorded
     if given is None:
         raise CheckpointError(f"{path} was built by user code {recorded}; loading it imports and runs that code, "
-                              f"so name it: --arch {recorded} (or where that code lives now)")
+                              f"so name it: {code_option} {recorded} (or where that code lives now)")
     if not is_user_code(given):
-        raise UsageError(f"--arch {given}: {path} was built by user code {recorded}; name that code "
+        raise UsageError(f"{code_option} {given}: {path} was built by user code {recorded}; name that code "
                          "(path/to/file.py:factory or package.module:factory)")
     spec = get_spec(given)
     before = (metadata.get("code") or {}).get("sha256")
@@ -352,6 +361,18 @@ def _user_code_arch(recorded: str, given: str | None, path: Path, metadata: dict
                          "current code")
         metadata["code"] = {"entry": given, "file": spec.code_file, "sha256": now}
     return given
+
+
+def recorded_code(path: str | os.PathLike) -> str | None:
+    """The user code entry point a deploycomp checkpoint was built from, read without running it (else None)."""
+    from deploycomp.zoo import is_user_code
+
+    try:
+        payload = _torch_load_safe(Path(path))
+    except (CheckpointError, _PickledObjects):
+        return None
+    arch = payload.get("arch") if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+    return arch if isinstance(arch, str) and is_user_code(arch) else None
 
 
 def _import_surgeries() -> None:
@@ -370,11 +391,12 @@ def replay_surgeries(ckpt: Checkpoint) -> None:
 
 
 def _from_state_dict(state: dict[str, Any], path: Path, arch: str | None, num_classes, in_channels,
-                     model_kwargs: dict[str, Any]) -> Checkpoint:
+                     model_kwargs: dict[str, Any], code_option: str = "--arch") -> Checkpoint:
     from deploycomp.zoo import build_model, get_spec
 
     if arch is None:
-        raise UsageError(f"{path} is a plain state dict; say which architecture it belongs to with --arch NAME")
+        raise UsageError(f"{path} is a plain state dict; say which architecture it belongs to with {code_option} "
+                         "NAME")
     matrices = [v for v in state.values() if getattr(v, "ndim", 0) == 2]
     convs = [v for v in state.values() if getattr(v, "ndim", 0) == 4]
     num_classes = num_classes or (int(matrices[-1].shape[0]) if matrices else None)

@@ -70,12 +70,15 @@ def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 
     return loss
 
 
-def run_distillation(teacher: str | None, student: str, config, *, temperature: float = 2.0, alpha: float = 0.5,
-                     lam: float = 0.5, output: str | None = None, data: str | None = None,
-                     data_dir: str | None = None, resume: bool = False, **student_options) -> dict[str, Any]:
+def run_distillation(teacher: str | None, student: str, config, *, teacher_arch: str | None = None,
+                     temperature: float = 2.0, alpha: float = 0.5, lam: float = 0.5, output: str | None = None,
+                     data: str | None = None, data_dir: str | None = None, resume: bool = False,
+                     **student_options) -> dict[str, Any]:
     """Distill ``teacher`` (default: the shipped baseline) into ``student`` with the one shared ``fit()``.
 
-    Both are zoo names or checkpoints. The dataset is ``data``, else the teacher checkpoint's, else the
+    Both are zoo names, user code or checkpoints. A checkpoint built from user code loads only with that
+    code named: ``teacher_arch`` for the teacher, ``student_options["arch"]`` for the student (the CLI's
+    ``--teacher-arch`` / ``--student-arch``). The dataset is ``data``, else the teacher checkpoint's, else the
     student checkpoint's, else the default. The checkpoint's lineage records the teacher, T, alpha,
     lambda and the training config.
     """
@@ -88,11 +91,15 @@ def run_distillation(teacher: str | None, student: str, config, *, temperature: 
     check_kd_params(temperature, alpha, lam)
     config.validate()  # cheap checks before loading anything
     teacher = teacher or default_model()
+    _check_arch_for_a_file(teacher, teacher_arch, "--teacher")
+    _check_arch_for_a_file(student, student_options.get("arch"), "--student")
+    student_options["code_option"] = "--student-arch"
     peeked = load_model(student, **student_options) if _looks_like_path(student) else None
     if data is None and not _looks_like_path(teacher) and peeked is not None:
         data = peeked.metadata.get("dataset")
     t_ckpt, t_data = load_inputs(teacher, data=data, data_dir=data_dir, need_train=False,
-                                 input_size=student_options.get("input_size"))
+                                 input_size=student_options.get("input_size"), arch=teacher_arch,
+                                 code_option="--teacher-arch")
     if not t_ckpt.source and not t_ckpt.metadata.get("weights"):
         console.warn(f"teacher {teacher!r} is a freshly initialised zoo model, not a trained one; "
                      "pass a trained checkpoint as --teacher")
@@ -110,12 +117,22 @@ def run_distillation(teacher: str | None, student: str, config, *, temperature: 
     name = peeked.name if peeked is not None else student
     out = output or str(default_output(name, "distilled"))
     lineage = {"teacher": t_ckpt.source or t_ckpt.arch, "teacher_arch": t_ckpt.arch,
+               **({"teacher_code": t_ckpt.metadata["code"]} if t_ckpt.metadata.get("code") else {}),
                "teacher_test_top1_pct": (t_ckpt.metadata.get("metrics") or {}).get("test", {}).get("top1_pct"),
                "temperature": temperature, "alpha": alpha, "lambda": lam}
     check_output(out, t_ckpt.source)  # the teacher is an input too
     return run_training(student, config, output=out, data=data, data_dir=data_dir, resume=resume,
                         loss_fn=kd_loss(t_ckpt.model, temperature, alpha, lam), lineage=lineage, prepare=prepare,
                         op="distill", **student_options)
+
+
+def _check_arch_for_a_file(ref: str, arch: str | None, option: str) -> None:
+    """``--teacher-arch`` / ``--student-arch`` say how to rebuild a file; a model built fresh has its name already."""
+    from deploycomp.checkpoint import _looks_like_path
+
+    if arch is not None and not _looks_like_path(ref):
+        raise UsageError(f"{option}-arch {arch}: {option} {ref} is built fresh from its own name; {option}-arch is for "
+                         f"a checkpoint or state-dict file given as {option}")
 
 
 def _check_same_classes(teacher_ckpt, student_ckpt, teacher: str, student: str) -> None:

@@ -52,6 +52,38 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+# A user's own model code (file.py:factory), as `--model user_net.py:build` takes it.
+USER_NET = """
+import torch.nn as nn
+
+
+def build(num_classes=10, width=8, in_channels=3):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+
+build.input_size = (3, 24, 24)
+
+
+def fixed():
+    return build(num_classes=5)
+
+
+def not_a_model(num_classes=10):
+    return "hello"
+"""
+
+
+@pytest.fixture()
+def net_file(tmp_path) -> Path:
+    """``tmp_path/user_net.py`` holding :data:`USER_NET` (``build`` is a 24 px, 10-class model by default)."""
+    path = tmp_path / "user_net.py"
+    path.write_text(USER_NET)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """light_resnet18 trained for one epoch on 1,024 Fashion-MNIST images (a few seconds on CPU).

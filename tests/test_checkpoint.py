@@ -50,7 +50,9 @@ def test_pruned_checkpoint_replays_history(tmp_path):
 def test_pickled_module_is_refused_unless_trusted(tmp_path):
     path = tmp_path / "module.pt"
     torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), path)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):
+    with pytest.raises(CheckpointError, match="if you trust its origin pass --trust-pickle, or save its"):
+        load_checkpoint(path, trust_option="--trust-pickle")
+    with pytest.raises(CheckpointError, match="loaded; save its state_dict"):  # no flag to name: none named
         load_checkpoint(path)
     trusted = load_checkpoint(path, trust_pickle=True)
     assert trusted.trusted_pickle

@@ -207,3 +207,143 @@ def test_variant_descriptions_name_what_a_prune_step_asks_for():
         "prune magnitude 2x measured, no fine-tune"
     assert describe_steps({"prune": {"target_speedup": 2.0}}) == "prune magnitude 2x MACs, fine-tune 1 ep"
     assert describe_steps({"prune": {"target_macs_g": 1.5}}) == "prune magnitude 1.5 GMACs, fine-tune 1 ep"
+
+
+# A recipe over the user's own model code, found beside the recipe (the run starts elsewhere).
+USER_CODE = """
+name: mine
+model: user_net.py:build
+data: {name: synthetic, eval_samples: 32, eval_batch: 32}
+variants:
+  - name: mag50
+    prune: {method: magnitude, ratio: 0.5, round_to: 1, distill_from: original,
+            finetune: {epochs: 1, train_samples: 32, batch_size: 32}}
+  - name: kd
+    distill: {student: parent, teacher: original, train: {epochs: 1, train_samples: 32, batch_size: 32}}
+export: {simplify: false}
+bench: {backends: [torch, ort], batches: [1], iters: 2, warmup: 0, warmup_ms: 0, threads: 1}
+"""
+
+
+def test_a_recipe_with_user_code_runs_every_stage(cli, tmp_path, one_torch_thread):
+    """The code named once in the recipe is the run's consent: every stage reloads the run's checkpoints with it."""
+    from deploycomp.checkpoint import load_checkpoint
+    from deploycomp.errors import CheckpointError
+    from deploycomp.files import sha256
+    from tests.conftest import USER_NET
+
+    (tmp_path / "study").mkdir()
+    code = write(tmp_path / "study" / "user_net.py", USER_NET)
+    recipe = write(tmp_path / "study" / "mine.yaml", USER_CODE)
+    run_dir = tmp_path / "run"
+    cli("-q", "pipeline", recipe, "-o", run_dir)
+    doc = _run_doc(run_dir)
+    entry = f"{code}:build"
+    # load, prune, distill, 3 x (evaluate, export), bench torch (3 checkpoints) and bench ort (3 ONNX files)
+    assert doc["status"] == "finished" and doc["stages_run"] == len(doc["log"]) == 11
+    assert doc["studies"][0]["code"] == [{"entry": entry, "named_in": "model", "file": str(code),
+                                          "sha256": sha256(code)}]
+    stages = run_dir / "stages"
+    load = json.loads(next(stages.glob("load-*/record.json")).read_text())["record"]
+    assert load["arch"] == entry
+    distill = json.loads(next(stages.glob("distill-*/record.json")).read_text())["record"]
+    assert distill["params"]["teacher_arch"] == entry
+    prune = json.loads(next(stages.glob("prune-*/record.json")).read_text())["record"]
+    assert prune["params"]["distill_from_arch"] == entry
+    torch_bench = [json.loads(p.read_text())["record"] for p in stages.glob("bench-*/record.json")]
+    torch_bench = next(b for b in torch_bench if b["backend"] == "torch")
+    assert [r["arch"] for r in torch_bench["results"]] == [entry] * 3
+    assert [r["branch"] for r in torch_bench["results"]] == ["original", "mag50", "kd"]
+    with pytest.raises(CheckpointError, match=f"--arch {entry}"):  # consent was for that run only
+        load_checkpoint(next(stages.glob("prune-*/model.pt")))
+
+    cli("-q", "pipeline", recipe, "-o", run_dir)
+    assert _run_doc(run_dir)["stages_cached"] == 11
+    write(code, USER_NET + "\n# edited\n")  # the code is part of every stage's identity
+    cli("-q", "pipeline", recipe, "-o", run_dir, "--no-plots")
+    doc = _run_doc(run_dir)
+    assert doc["stages_run"] == 11 and doc["studies"][0]["code"][0]["sha256"] == sha256(code)
+
+
+def _user_checkpoint(entry: str, path: Path) -> Path:
+    from deploycomp.checkpoint import load_model
+    from deploycomp.data import load_dataset
+
+    ckpt = load_model(entry)
+    ckpt.metadata.update(load_dataset("synthetic", "test")[1].as_dict())
+    return ckpt.save(path)
+
+
+FILE_RECIPE = """
+name: f
+model: MODEL
+data: {name: synthetic, input_size: [24, 24], eval_samples: 32, eval_batch: 32}
+variants:
+  - {name: v, STEP}
+"""
+FINETUNE = "{epochs: 1, train_samples: 32, batch_size: 32}"
+KD = f"distill: {{student: parent, teacher: user.pt, train: {FINETUNE}}}"
+PRUNE_KD = f"prune: {{method: magnitude, ratio: 0.5, distill_from: user.pt, finetune: {FINETUNE}}}"
+
+
+def _file_recipe(path: Path, model: str, step: str) -> Path:
+    return write(path, FILE_RECIPE.replace("MODEL", model).replace("STEP", step))
+
+
+@pytest.mark.parametrize(("model", "step", "file_key", "arch_key"), [
+    ("user.pt", "prune: {method: magnitude, ratio: 0.5, finetune: null}", "model", "arch"),
+    ("light_resnet18", KD, "variants[0].distill.teacher", "variants[0].distill.teacher_arch"),
+    ("light_resnet18", PRUNE_KD, "variants[0].prune.distill_from", "variants[0].prune.distill_from_arch"),
+])
+def test_a_checkpoint_built_from_user_code_runs_once_the_recipe_names_the_code(cli, net_file, tmp_path,
+                                                                                 one_torch_thread, model, step,
+                                                                                 file_key, arch_key):
+    """A model or a teacher that is a user-code checkpoint: refused before any work, naming the key to add."""
+    entry = f"{net_file}:build"
+    _user_checkpoint(entry, tmp_path / "user.pt")
+    recipe = _file_recipe(tmp_path / "r.yaml", model, step)
+    result = cli("pipeline", recipe, "-o", tmp_path / "run", ok=False)
+    assert_one_line_error(result, f"r.yaml: {file_key}: ", f"user.pt was built by user code {entry}",
+                          f"name it in the recipe: {arch_key}: {entry} ")
+    assert not (tmp_path / "run" / "stages").exists()  # refused before any work
+    name = arch_key.rsplit(".", 1)[-1]
+    named = step.replace("user.pt, ", f"user.pt, {name}: {entry}, ") if name != "arch" else step
+    recipe = _file_recipe(recipe, model, named)
+    if name == "arch":
+        write(recipe, recipe.read_text() + f"arch: {entry}\n")
+    cli("-q", "pipeline", recipe, "-o", tmp_path / "run")
+    doc = _run_doc(tmp_path / "run")
+    assert doc["status"] == "finished" and doc["studies"][0]["code"] == [
+        {"entry": entry, "named_in": arch_key, "file": str(net_file), "sha256": doc["studies"][0]["code"][0]["sha256"]}]
+
+
+def test_an_arch_is_for_a_checkpoint_file(cli, net_file, tmp_path):
+    entry = f"{net_file}:build"
+    step = KD.replace("teacher: user.pt, ", f"teacher_arch: {entry}, ")
+    recipe = write(tmp_path / "r.yaml", FILE_RECIPE.replace("MODEL", "light_resnet18").replace("STEP", step)
+                   + f"arch: {entry}\n")
+    assert_one_line_error(cli("pipeline", recipe, "-o", tmp_path / "run", ok=False),
+                          "r.yaml: arch: is for a checkpoint or state-dict file given as model", "'light_resnet18'")
+    write(recipe, recipe.read_text().replace(f"arch: {entry}\n", ""))  # the line at the end
+    assert_one_line_error(cli("pipeline", recipe, "-o", tmp_path / "run", ok=False),
+                          "r.yaml: variants[0].distill.teacher_arch: is for a checkpoint", "'parent'")
+
+
+def test_one_torch_benchmark_rebuilds_checkpoints_of_one_user_code_only(cli, tmp_path, one_torch_thread):
+    """bench takes one arch: a variant trained from other user code is refused there, with what to do."""
+    from tests.conftest import USER_NET
+
+    write(tmp_path / "user_net.py", USER_NET)
+    write(tmp_path / "other_net.py", USER_NET)
+    recipe = write(tmp_path / "two.yaml", """
+name: two
+model: user_net.py:build
+data: {name: synthetic, eval_samples: 32, eval_batch: 32}
+variants:
+  - {name: other, train: {model: other_net.py:build, epochs: 1, train_samples: 32, batch_size: 32}}
+bench: {backends: [torch], batches: [1], iters: 2, warmup: 0, warmup_ms: 0, threads: 1}
+""")
+    result = cli("pipeline", recipe, "-o", tmp_path / "run", ok=False)
+    assert_one_line_error(result, "bench torch (2 artifacts, paired): its checkpoints are built from different user "
+                                  "code (other_net.py:build, user_net.py:build)", "time them on ort (export)")
+    assert _run_doc(tmp_path / "run")["status"] == "failed"

@@ -14,35 +14,6 @@ from deploycomp.cli.options import parse_input_size, parse_model_kwargs
 from deploycomp.errors import CheckpointError, MissingDependencyError, UsageError
 from tests.conftest import assert_one_line_error
 
-NET = """
-import torch.nn as nn
-
-
-def build(num_classes=10, width=8, in_channels=3):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
-
-
-build.input_size = (3, 24, 24)
-
-
-def fixed():
-    return build(num_classes=5)
-
-
-def not_a_model(num_classes=10):
-    return "hello"
-"""
-
-
-@pytest.fixture()
-def net_file(tmp_path):
-    path = tmp_path / "user_net.py"
-    path.write_text(NET)
-    return path
-
 
 def _same(a, b, shape):
     x = torch.randn(2, *shape)
@@ -219,3 +190,108 @@ def test_bench_takes_user_code_and_timm_models(cli, net_file):
     results = json.loads(r.stdout)["results"]
     assert [x["input_shape"] for x in results] == [[3, 32, 32]] * len(refs)
     assert all(x["latency_ms"]["median"] > 0 for x in results)
+
+
+def _user_checkpoint(entry: str, path, num_classes: int = 10):
+    """A checkpoint built from user code, with the synthetic dataset's metadata (loads with no dataset files)."""
+    from deploycomp.data import load_dataset
+
+    ckpt = load_model(entry, num_classes=num_classes)
+    ckpt.metadata.update(load_dataset("synthetic", "test")[1].as_dict())
+    return ckpt.save(path)
+
+
+FAST = ["--data", "synthetic", "--epochs", 1, "--train-samples", 32, "--batch-size", 32, "--input-size", 24]
+
+
+def test_distill_from_a_user_code_teacher(cli, net_file, tmp_path, one_torch_thread):
+    """The teacher's code is named with --teacher-arch; the distilled student records which code taught it."""
+    entry = f"{net_file}:build"
+    _user_checkpoint(entry, tmp_path / "teacher.pt")
+    assert_one_line_error(cli("distill", "--teacher", "teacher.pt", "--student", "light_resnet18", *FAST, ok=False),
+                          f"so name it: --teacher-arch {entry} ")
+    assert not (tmp_path / "light_resnet18-distilled.pt").exists()
+    record = json.loads(cli("distill", "--teacher", "teacher.pt", "--teacher-arch", entry, "--student",
+                            "light_resnet18", *FAST, "-o", "kd.pt", "--json", "-q").stdout)
+    params = record["params"]
+    assert (params["teacher"], params["teacher_arch"]) == ("teacher.pt", entry)
+    assert params["teacher_code"]["file"] == str(net_file.resolve()) and len(params["teacher_code"]["sha256"]) == 64
+    student = load_checkpoint(tmp_path / "kd.pt")  # a zoo student: reloads with no code named
+    assert student.arch == "light_resnet18" and student.metadata["lineage"][-1]["params"]["teacher_arch"] == entry
+
+
+def test_distill_into_a_user_code_student(cli, net_file, tmp_path, one_torch_thread):
+    """A student checkpoint built from user code is named with --student-arch, and so is its distilled copy."""
+    entry = f"{net_file}:build"
+    _user_checkpoint(entry, tmp_path / "student.pt")
+    _user_checkpoint(entry, tmp_path / "teacher.pt")
+    args = ["distill", "--teacher", "teacher.pt", "--teacher-arch", entry, "--student", "student.pt", *FAST,
+            "-o", "kd.pt"]
+    assert_one_line_error(cli(*args, ok=False), f"so name it: --student-arch {entry} ")
+    cli(*args, "--student-arch", entry, "-q")
+    with pytest.raises(CheckpointError, match=f"--arch {entry}"):
+        load_checkpoint(tmp_path / "kd.pt")
+    kd = load_checkpoint(tmp_path / "kd.pt", arch=entry)
+    assert kd.arch == entry and kd.metadata["lineage"][-1]["op"] == "distill"
+    assert not _same(load_checkpoint(tmp_path / "student.pt", arch=entry).model, kd.model, (3, 24, 24))
+
+
+def test_distill_arch_options_are_for_files(cli, net_file):
+    entry = f"{net_file}:build"
+    assert_one_line_error(cli("distill", "--teacher", "light_resnet18", "--teacher-arch", entry, "--student",
+                              "light_resnet18", *FAST, ok=False),
+                          "--teacher-arch", "--teacher light_resnet18 is built fresh")
+    assert_one_line_error(cli("distill", "--teacher", entry, "--student", "light_resnet18", "--student-arch", entry,
+                              *FAST, ok=False), "--student-arch", "--student light_resnet18 is built fresh")
+
+
+def test_prune_distills_from_a_user_code_teacher(cli, net_file, tmp_path, one_torch_thread):
+    entry = f"{net_file}:build"
+    _user_checkpoint(entry, tmp_path / "teacher.pt")
+    args = ["prune", "-m", "light_resnet18", "--data", "synthetic", "--input-size", 24, "--method", "magnitude",
+            "--ratio", 0.5, "--finetune-epochs", 1, "--train-samples", 32, "--batch-size", 32,
+            "--distill-from", "teacher.pt", "-o", "p.pt"]
+    assert_one_line_error(cli(*args, ok=False), f"so name it: --distill-from-arch {entry} ")
+    record = json.loads(cli(*args, "--distill-from-arch", entry, "--json", "-q").stdout)
+    assert record["params"]["distill_from_arch"] == entry and record["params"]["distill_from"] == "teacher.pt"
+    assert_one_line_error(cli("prune", "-m", "light_resnet18", "--data", "synthetic", "--method", "magnitude",
+                              "--ratio", 0.5, "--distill-from-arch", entry, ok=False),
+                          "--distill-from-arch", "give --distill-from too")
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["eval", "-m", "{ckpt}", "--data", "synthetic"], "--arch"),
+    (["info", "-m", "{ckpt}"], "--arch"),
+    (["export", "-m", "{ckpt}", "--data", "synthetic"], "--arch"),
+    (["bundle", "-m", "{ckpt}", "--data", "synthetic", "-o", "b"], "--arch"),
+    (["train", "-m", "{ckpt}", *FAST], "--arch"),
+    (["prune", "-m", "{ckpt}", "--data", "synthetic", "--method", "magnitude", "--ratio", 0.5], "--arch"),
+    (["bench", "{ckpt}", "--iters", 2], "--arch"),
+    (["distill", "--teacher", "{ckpt}", "--student", "light_resnet18", *FAST], "--teacher-arch"),
+    (["distill", "--teacher", "light_resnet18", "--student", "{ckpt}", *FAST], "--student-arch"),
+    (["prune", "-m", "light_resnet18", "--data", "synthetic", "--method", "magnitude", "--ratio", 0.5,
+      "--finetune-epochs", 1, "--distill-from", "{ckpt}"], "--distill-from-arch"),
+])
+def test_name_the_code_errors_name_an_option_the_command_has(cli, net_file, tmp_path, args, option):
+    """Every command that loads a user-code checkpoint says how to name the code with one of its own options."""
+    from deploycomp.cli import cli as group
+
+    command = group.get_command(None, args[0])
+    entry = f"{net_file}:build"
+    _user_checkpoint(entry, tmp_path / "user.pt")
+    result = cli(*[a.format(ckpt="user.pt") if isinstance(a, str) else a for a in args], ok=False)
+    assert_one_line_error(result, f"user.pt was built by user code {entry}", f"so name it: {option} {entry} ")
+    assert option in {o for p in command.params for o in p.opts}
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["export", "-m", "module.pt"], "if you trust its origin pass --trust-pickle, or save its state_dict() and load "
+                                    "that with --arch NAME"),
+    (["distill", "--teacher", "module.pt", "--student", "light_resnet18", *FAST],
+     "run arbitrary code when loaded; save its state_dict() and load that with --teacher-arch NAME"),
+    (["distill", "--teacher", "light_resnet18", "--student", "module.pt", *FAST],
+     "run arbitrary code when loaded; save its state_dict() and load that with --student-arch NAME"),
+])
+def test_a_pickled_module_is_refused_naming_only_options_the_command_has(cli, tmp_path, args, fragment):
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), tmp_path / "module.pt")
+    assert_one_line_error(cli(*args, ok=False), "module.pt contains pickled Python objects", fragment)

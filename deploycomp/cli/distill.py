@@ -18,9 +18,17 @@ from deploycomp.cli.train import train_config, train_options
 # The KD report's setting (Adam, lr 1e-3, batch 128) instead of train's SGD; lr stays "the optimizer's default".
 @click.command(context_settings={"default_map": {"optimizer": "adam"}})
 @click.option("--teacher", default=None, metavar="NAME|PATH",
-              help="Teacher: a trained checkpoint (or a zoo name). Default: the shipped Fashion-MNIST baseline.")
-@click.option("--student", required=True, metavar="NAME|PATH",
-              help="Student: a zoo name (light_resnet18, resnet18, ...) or a checkpoint, e.g. a pruned model.")
+              help="Teacher: a trained checkpoint (or a zoo name or user code). Default: the shipped Fashion-MNIST "
+                   "baseline.")
+@click.option("--teacher-arch", default=None, metavar="NAME|CODE",
+              help="The user code (path/to/file.py:factory) a --teacher checkpoint was built from, or the "
+                   "architecture of a plain state dict; loading runs that code, so it is never taken from the file "
+                   "alone.")
+@click.option("--student", required=True, metavar="NAME|PATH|CODE",
+              help="Student: a zoo name (light_resnet18, resnet18, ...), user code (path/to/file.py:factory) or a "
+                   "checkpoint, e.g. a pruned model.")
+@click.option("--student-arch", default=None, metavar="NAME|CODE",
+              help="Like --teacher-arch, for a --student checkpoint or state dict.")
 @click.option("--temperature", "-T", type=float, default=2.0, show_default=True,
               help="Softmax temperature T > 0 of the soft targets.")
 @click.option("--alpha", type=float, default=0.5, show_default=True,
@@ -50,12 +58,16 @@ def distill(opts: dict) -> None:
     Examples (the KD report's light student; the first distils from the shipped baseline):
       deploycomp distill --student light_resnet18 --epochs 10 -o light_kd.pt
       deploycomp distill --teacher resnet18_fmnist.pt --student light_resnet18 --epochs 10 -o light_kd.pt
+      deploycomp distill --teacher my.pt --teacher-arch mynet.py:make --student light_resnet18 -o light_kd.pt
     """
     from deploycomp.distill import run_distillation
 
     student_options = {k: opts[k] for k in ("in_channels", "weights", "input_size") if opts[k] is not None}
-    record = run_distillation(opts["teacher"], opts["student"], train_config(opts), temperature=opts["temperature"],
-                              alpha=opts["alpha"], lam=opts["lam"], output=opts["output"], data=opts["data"],
-                              data_dir=opts["data_dir"], resume=opts["resume"], **student_options)
+    if opts["student_arch"] is not None:
+        student_options["arch"] = opts["student_arch"]
+    record = run_distillation(opts["teacher"], opts["student"], train_config(opts), teacher_arch=opts["teacher_arch"],
+                              temperature=opts["temperature"], alpha=opts["alpha"], lam=opts["lam"],
+                              output=opts["output"], data=opts["data"], data_dir=opts["data_dir"],
+                              resume=opts["resume"], **student_options)
     if opts["as_json"]:
         print_json(record)

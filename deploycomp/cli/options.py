@@ -150,8 +150,9 @@ def int8_calibration_options(when: str = "INT8"):
 def model_kwargs(options: dict) -> dict:
     """The model-related entries of a command's options, as ``load_inputs`` keyword arguments."""
     keys = ("arch", "num_classes", "in_channels", "weights", "trust_pickle", "model_kwargs", "input_size")
-    return {k: options[k] for k in keys  # 0 stays (refused later in one line), None / False / {} mean "not given"
-            if options.get(k) is not None and options.get(k) is not False and options.get(k) != {}}
+    given = {k: options[k] for k in keys  # 0 stays (refused later in one line), None / False / {} mean "not given"
+             if options.get(k) is not None and options.get(k) is not False and options.get(k) != {}}
+    return {**given, "trust_option": "--trust-pickle"}  # model_options has the flag: messages may name it
 
 
 def _set_verbosity(level_name: str):

@@ -26,6 +26,10 @@ def pipeline(opts: dict) -> None:
     inputs and options: running again skips what is done and continues an interrupted run. The run
     directory is locked while a pipeline works in it: a second one on it refuses (or waits, with --wait).
 
+    A recipe may name your own model code (model: mynet.py:make, or model: my.pt with arch: mynet.py:make;
+    distill.teacher_arch, prune.distill_from_arch for a teacher): naming it there is your consent to run it
+    for that run, and run.json records it with its file's hash.
+
     \b
     Examples:
       deploycomp pipeline

@@ -98,6 +98,10 @@ def finetune_options(fn):
 @finetune_options
 @click.option("--distill-from", default=None, metavar="TEACHER",
               help="Fine-tune with knowledge distillation from this checkpoint (e.g. the unpruned model).")
+@click.option("--distill-from-arch", default=None, metavar="NAME|CODE",
+              help="The user code (path/to/file.py:factory) a --distill-from checkpoint was built from, or the "
+                   "architecture of a plain state dict; loading runs that code, so it is never taken from the file "
+                   "alone.")
 @click.option("--temperature", "-T", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the distillation (KL) term.")
 @click.option("--lambda", "lam", type=float, default=0.5, show_default=True, help="Weight of the cross-entropy term.")
@@ -130,8 +134,8 @@ def prune(opts: dict) -> None:
     ft = finetune_config(1 if epochs is None else epochs, **{k: v for k, v in vars(ft).items() if k != "epochs"})
     keys = ("method", "ratio", "target_macs_g", "target_speedup", "target_latency_ms", "measured",
             *(k for k in opts if k.startswith("latency_")), "global_pruning", "steps", "round_to",
-            "calib_samples", "calib_batch", "norm", "coverage_threshold", "distill_from", "temperature", "alpha",
-            "lam", "eval_samples", "seed", "device", "recalibrate_bn")
+            "calib_samples", "calib_batch", "norm", "coverage_threshold", "distill_from", "distill_from_arch",
+            "temperature", "alpha", "lam", "eval_samples", "seed", "device", "recalibrate_bn")
     config = PruneConfig(**{k: opts[k] for k in keys}, ignore=tuple(opts["ignore"]), finetune=ft,
                          finetune_on_synthetic=epochs is not None)
     record = run_prune(opts["model"], config, output=opts["output"], data=opts["data"], data_dir=opts["data_dir"],

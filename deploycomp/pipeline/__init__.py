@@ -24,6 +24,7 @@ The package, one module per concern (read in this order to add a recipe key or a
 
     schema.py    the keys a recipe may have (derived from the config dataclasses and signatures)
     recipe.py    load_recipe: read, check, merge studies, validate values; resolve_model_ref
+    code.py      user code a recipe names: where it is, the run's consent to run it, its record in run.json
     configs.py   recipe sections -> library configs (TrainConfig, PruneConfig, BenchConfig)
     stages.py    the STAGES registry, the Stage node (its key) and one function per stage kind
     plan.py      a study -> its stage graph (branches; the quantize, build and bench stages of each)

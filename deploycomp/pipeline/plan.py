@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploycomp.pipeline.code import STAGE_REFS, code_identity, named_code, resolve_code_ref
 from deploycomp.pipeline.configs import _given
 from deploycomp.pipeline.recipe import ORIGINAL, Study, resolve_model_ref
 from deploycomp.pipeline.schema import VARIANT_STEPS
@@ -65,7 +66,17 @@ class StudyPlan:
     bench: list[Stage] = field(default_factory=list)  # one per backend: every artifact of the study, paired
     data_name: str | None = None  # the dataset the load stage settled on (the model's, unless the recipe says)
     data_size: tuple[int, int] | None = None  # (H, W) the model takes
+    code: dict[str, str] = field(default_factory=dict)  # user code the recipe names (its consent): entry -> key
     _data: Any = None
+
+    def consented_arch(self, path: str | Path) -> str | None:
+        """The user code a checkpoint of this run was built from, when the recipe names it (else None)."""
+        from deploycomp.checkpoint import recorded_code
+
+        if not self.code:  # nothing named: nothing to read
+            return None
+        entry = recorded_code(path)
+        return entry if entry in self.code else None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -104,9 +115,25 @@ class StudyPlan:
 
 
 def _file_identity(ref: str) -> str:
+    """A file by its hash, user code by its entry point and its file's hash, a zoo name as it is."""
     from deploycomp.files import sha256
 
-    return f"sha256:{sha256(ref)}" if Path(ref).is_file() else ref
+    return f"sha256:{sha256(ref)}" if Path(ref).is_file() else code_identity(ref)
+
+
+CODE_OPTIONS = ("model", "student", "teacher", "teacher_arch", "distill_from_arch")  # step options naming code
+
+
+def _code_refs(opts: dict[str, Any], base_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``(inputs, local)`` of a step's user code options: its identity (file hash) and where it is here."""
+    from deploycomp.zoo import is_user_code
+
+    inputs, local = {}, {}
+    for k in CODE_OPTIONS:
+        if isinstance(opts.get(k), str) and is_user_code(opts[k]):
+            local[k] = resolve_code_ref(opts[k], base_dir)
+            inputs[k] = code_identity(local[k])
+    return inputs, local
 
 
 def plan_study(study: Study, base_dir: Path, tensorrt: bool) -> StudyPlan:
@@ -118,13 +145,19 @@ def plan_study(study: Study, base_dir: Path, tensorrt: bool) -> StudyPlan:
     if data_dir and not Path(data_dir).is_absolute() and (base_dir / data_dir).exists():
         data_dir = str((base_dir / data_dir).resolve())
     notes: list[str] = []
-    root = Stage("load", {"model": Path(model).name if Path(model).is_file() else model, "data": d.get("name"),
-                          "input_size": d.get("input_size")},
-                 None, f"{study.name}/{ORIGINAL}: load", {"model": _file_identity(model)},
-                 {"model_path": model, "data_dir": data_dir})  # the file's hash is the identity, not its path
+    load_opts = {"model": Path(model).name if Path(model).is_file() else model, "data": d.get("name"),
+                 "input_size": d.get("input_size")}
+    load_inputs, load_local = {"model": _file_identity(model)}, {"model_path": model, "data_dir": data_dir}
+    if o.get("arch"):  # the code of a checkpoint built from user code, or a plain state dict's architecture
+        load_opts["arch"] = o["arch"]
+        load_local["arch"] = resolve_code_ref(o["arch"], base_dir)
+        load_inputs["arch"] = code_identity(load_local["arch"])
+    root = Stage("load", load_opts, None, f"{study.name}/{ORIGINAL}: load", load_inputs,
+                 load_local)  # the file's hash is the identity, not its path
     original_model = root
     if o.get("train"):
-        original_model = Stage("train", dict(o["train"]), root, f"{study.name}/{ORIGINAL}: train")
+        original_model = Stage("train", dict(o["train"]), root, f"{study.name}/{ORIGINAL}: train",
+                               *_code_refs(o["train"], base_dir))
     eval_opts = {"eval_samples": d.get("eval_samples"), "eval_batch": d.get("eval_batch")}
     device = o.get("device")
     branches = [Branch(ORIGINAL, "the model as given" if not o.get("train") else "the trained baseline",
@@ -135,11 +168,14 @@ def plan_study(study: Study, base_dir: Path, tensorrt: bool) -> StudyPlan:
             if not v.get(kind):
                 continue
             opts = dict(v[kind])
-            inputs = {}
+            inputs, local = _code_refs(opts, base_dir)
             if kind == "distill":
-                teacher = opts.get("teacher", "parent")
-                inputs["teacher_stage"] = (original_model if teacher in ("original",) else parent).id
-                opts.setdefault("teacher", "parent")
+                teacher = opts.setdefault("teacher", "parent")
+                if teacher in STAGE_REFS:
+                    inputs["teacher_stage"] = (original_model if teacher == "original" else parent).id
+                else:  # a checkpoint file, a zoo name or user code
+                    local["teacher"] = resolve_model_ref(teacher, base_dir)
+                    inputs["teacher"] = _file_identity(local["teacher"])
             if kind == "prune":
                 if opts.get("distill_from") in ("original", "parent"):
                     t = original_model if opts["distill_from"] == "original" else parent
@@ -149,7 +185,7 @@ def plan_study(study: Study, base_dir: Path, tensorrt: bool) -> StudyPlan:
                     opts["distill_from"] = ref
                     inputs["teacher"] = _file_identity(ref)
                 opts.update({k: val for k, val in eval_opts.items() if val is not None})
-            parent = Stage(kind, opts, parent, f"{study.name}/{v['name']}: {kind}", inputs)
+            parent = Stage(kind, opts, parent, f"{study.name}/{v['name']}: {kind}", inputs, local)
             steps.append(parent)
         branches.append(Branch(v["name"], v.get("description") or describe_steps(v), parent, steps))
     for b in branches:
@@ -157,7 +193,8 @@ def plan_study(study: Study, base_dir: Path, tensorrt: bool) -> StudyPlan:
         _plan_deploy(b, o, study, tensorrt, eval_opts, notes)
     if not tensorrt and (o.get("build") or {}).get("enabled", True) and o.get("build") is not None:
         notes.append("TensorRT is not installed here: no engines were built and the trt backend was not measured")
-    return StudyPlan(study, root, branches, device, data_dir, notes, _plan_bench(branches, o, study))
+    return StudyPlan(study, root, branches, device, data_dir, notes, _plan_bench(branches, o, study),
+                     code=named_code(o, study.variants, base_dir))
 
 
 def _plan_deploy(b: Branch, o: dict, study: Study, tensorrt: bool, eval_opts: dict, notes: list[str]) -> None:

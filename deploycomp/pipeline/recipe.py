@@ -143,7 +143,7 @@ def validate_values(study: Study, base_dir: Path) -> None:
     _positive(w, f"{p}data", d, ("eval_samples", "eval_batch"))
     if d.get("input_size") is not None and min(d["input_size"]) <= 0:
         raise RecipeError(f"{w}: {p}data.input_size: must be two positive integers [H, W], got {list(d['input_size'])}")
-    _checked(w, f"{p}model", None, lambda: resolve_model_ref(o.get("model"), base_dir))
+    _check_model_refs(w, p, o, study.variants, base_dir)
     if o.get("device") is not None:
         from deploycomp.train import resolve_device
 
@@ -186,6 +186,35 @@ def validate_values(study: Study, base_dir: Path) -> None:
     _registered(w, f"{p}report.backend", (o.get("report") or {}).get("backend"), BACKENDS)
 
 
+def _check_model_refs(where: str, prefix: str, options: dict, variants: list[dict], base_dir: Path) -> None:
+    """Every model reference resolves, and every checkpoint file built from user code has that code named."""
+    from deploycomp.pipeline.code import (
+        FILE_KEYS,
+        STAGE_REFS,
+        file_code_error,
+        file_places,
+        get_key,
+        key_text,
+        resolve_arch,
+    )
+
+    for section, at, file_key in file_places(options, variants, prefix):
+        value, arch_key = get_key(section, file_key), FILE_KEYS[file_key]
+        arch = get_key(section, arch_key)
+        path = None
+        if file_key == ("model",) or value not in (None, *STAGE_REFS):  # not a stage of the run
+            path = _checked(where, key_text(file_key, at), None, lambda v=value: resolve_model_ref(v, base_dir))
+        is_file = path is not None and Path(path).is_file()
+        if arch is not None and not is_file:
+            raise RecipeError(f"{where}: {key_text(arch_key, at)}: is for a checkpoint or state-dict file given as "
+                              f"{key_text(file_key, at)}, and {value or STAGE_REFS[0]!r} is not a file (it is built "
+                              "from its own name, or is a stage of the run); drop it")
+        if arch is not None:
+            _checked(where, key_text(arch_key, at), None, lambda a=arch: resolve_arch(a, base_dir))
+        if is_file and (error := file_code_error(where, at, file_key, path, arch)) is not None:
+            raise error
+
+
 def _positive(where: str, path: str, section: dict, keys: tuple[str, ...]) -> None:
     for k in keys:
         if section.get(k) is not None and section[k] <= 0:
@@ -210,8 +239,10 @@ def _check_train_extras(where: str, path: str, t: dict) -> None:
 
 
 def resolve_model_ref(ref: str | None, base_dir: Path) -> str:
-    """``baseline``/None: the shipped baseline; a path (tried as given, beside the recipe, in the repo); a zoo name."""
+    """``baseline``/None: the shipped baseline; a path (tried as given, beside the recipe, in the repo); a zoo name;
+    user code (its file tried as given, then beside the recipe; imported here: the recipe names it)."""
     from deploycomp.checkpoint import _looks_like_path, default_model
+    from deploycomp.pipeline.code import resolve_code_ref
     from deploycomp.zoo import get_spec
 
     if ref in (None, "baseline"):
@@ -226,5 +257,6 @@ def resolve_model_ref(ref: str | None, base_dir: Path) -> str:
                 return str(candidate.resolve())
         raise InputFileError(f"model file {ref} not found (looked in the current directory, {base_dir} and "
                              f"{REPO_ROOT})")
+    ref = resolve_code_ref(ref, base_dir)
     get_spec(ref)  # unknown -> one line with the closest zoo name
     return ref

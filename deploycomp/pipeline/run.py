@@ -11,6 +11,7 @@ from typing import Any
 from deploycomp import __version__, console
 from deploycomp.errors import DeploycompError, InputFileError, Interrupted, UsageError
 from deploycomp.files import read_json, write_json
+from deploycomp.pipeline.code import code_record
 from deploycomp.pipeline.configs import _given
 from deploycomp.pipeline.plan import StudyPlan, plan_study
 from deploycomp.pipeline.recipe import Recipe, load_recipe
@@ -129,7 +130,8 @@ class PipelineRun:
                          "scale": p.options.get("scale", ""), "model": p.options.get("model") or "baseline",
                          "device": p.device, "data": p.options.get("data") or {}, "root": p.root.id,
                          "notes": p.notes, "report": p.options.get("report") or {},
-                         "bench": _given(p.options.get("bench")), "branches": [b.to_dict() for b in p.branches]}
+                         "bench": _given(p.options.get("bench")), "code": code_record(p.code),
+                         "branches": [b.to_dict() for b in p.branches]}
                         for p in plans],
             "log": self.log,
         }

@@ -130,7 +130,9 @@ def _distill_section() -> Section:
 
     sig = inspect.signature(run_distillation, eval_str=True)
     kd = {k: sig.parameters[k].annotation for k in ("temperature", "alpha", "lam")}
-    return _model("distill", {"student": str, "teacher": str, **kd, "train": _train_section()},
+    # teacher: parent (default), original, or a model reference (checkpoint file, zoo name, user code);
+    # teacher_arch: the user code a teacher checkpoint was built from (`deploycomp distill --teacher-arch`)
+    return _model("distill", {"student": str, "teacher": str, "teacher_arch": str, **kd, "train": _train_section()},
                   required=("student",))
 
 
@@ -171,7 +173,9 @@ def _study_fields() -> dict[str, Any]:
                            "eval_batch": int})
     variant = _model("variant", {"name": str, "description": str, "train": _train_section(),
                                  "distill": _distill_section(), "prune": _prune_section()}, required=("name",))
-    return {"name": str, "description": str, "scale": str, "model": str, "train": _train_section() | None,
+    # arch: the user code a `model` checkpoint was built from, or the architecture of a plain state dict (--arch)
+    return {"name": str, "description": str, "scale": str, "model": str, "arch": str,
+            "train": _train_section() | None,
             "data": data, "device": str, "variants": list[variant],
             "export": _export_section() | None, "quantize": _quantize_section() | None,
             "build": _build_section() | None, "bench": _bench_section() | None,

@@ -89,10 +89,18 @@ class StageRun:
     def parent_record(self) -> dict[str, Any]:
         return self.runner.record_of(self.stage.parent)
 
-    def load_parent_checkpoint(self):
+    def ref(self, key: str) -> Any:
+        """Option ``key`` as this machine resolves it (user code found beside the recipe), else as written."""
+        return self.stage.local.get(key, self.options.get(key))
+
+    def load_checkpoint(self, path: Path):
+        """A checkpoint of this run; one built from user code the recipe names is rebuilt with that code."""
         from deploycomp.checkpoint import load_checkpoint
 
-        return load_checkpoint(self.parent_artifact())
+        return load_checkpoint(path, arch=self.study.consented_arch(path))
+
+    def load_parent_checkpoint(self):
+        return self.load_checkpoint(self.parent_artifact())
 
     def data(self, need_train: bool = False):
         return self.study.dataset(need_train)
@@ -114,7 +122,8 @@ def _stage_load(run: StageRun) -> dict[str, Any]:
 
     o = run.options
     ckpt, ds = load_inputs(run.stage.local["model_path"], data=o.get("data"), data_dir=run.stage.local["data_dir"],
-                           need_train=False, input_size=tuple(o["input_size"]) if o.get("input_size") else None)
+                           need_train=False, input_size=tuple(o["input_size"]) if o.get("input_size") else None,
+                           arch=run.ref("arch"), code_option=f"the recipe key {run.study.study.path}arch:")
     run.study.use_data(ds)
     _save_model(ckpt, run)
     return {"model": o["model"], "arch": ckpt.arch, "dataset": ds.info.as_dict(),
@@ -153,7 +162,7 @@ def _fit_stage(run: StageRun, ckpt, config, *, loss_fn=None, penalties=(), op: s
 def _stage_train(run: StageRun) -> dict[str, Any]:
     """Train the previous model (or a fresh zoo model): plain, sparse (slimming), stochastic depth, frozen."""
     o = run.options
-    ckpt = _fresh_model(o["model"], run) if o.get("model") else run.load_parent_checkpoint()
+    ckpt = _fresh_model(run.ref("model"), run) if o.get("model") else run.load_parent_checkpoint()
     penalties, lineage = [], {}
     if o.get("sparsity") is not None:
         from deploycomp.prune.slimming import bn_sparsity_penalty
@@ -177,12 +186,11 @@ def _stage_train(run: StageRun) -> dict[str, Any]:
 @register_stage("distill", MODEL_FILE, produces_model=True)
 def _stage_distill(run: StageRun) -> dict[str, Any]:
     """Knowledge distillation: the student learns from the teacher's soft targets and the labels."""
-    from deploycomp.checkpoint import load_checkpoint
     from deploycomp.distill import kd_loss
 
     o = run.options
-    teacher = load_checkpoint(run.runner.artifact_of_key(run.stage.inputs["teacher_stage"]))
-    student = run.load_parent_checkpoint() if o["student"] == "parent" else _fresh_model(o["student"], run)
+    teacher = _teacher(run)
+    student = run.load_parent_checkpoint() if o["student"] == "parent" else _fresh_model(run.ref("student"), run)
     if teacher.num_classes is not None and student.num_classes is not None and \
             teacher.num_classes != student.num_classes:
         raise UsageError(f"{run.stage.label}: the teacher predicts {teacher.num_classes} classes but the student "
@@ -199,6 +207,18 @@ def _stage_distill(run: StageRun) -> dict[str, Any]:
                       lineage=lineage)
 
 
+def _teacher(run: StageRun):
+    """A distill step's teacher: a stage of the run (parent, original), else the model the recipe names."""
+    from deploycomp.checkpoint import _looks_like_path, load_model
+
+    if "teacher_stage" in run.stage.inputs:
+        return run.load_checkpoint(run.runner.artifact_of_key(run.stage.inputs["teacher_stage"]))
+    ref = run.ref("teacher")
+    if not _looks_like_path(ref):
+        return _fresh_model(ref, run)
+    return load_model(ref, arch=run.ref("teacher_arch"), code_option="the recipe key distill.teacher_arch:")
+
+
 @register_stage("prune", MODEL_FILE, produces_model=True)
 def _stage_prune(run: StageRun) -> dict[str, Any]:
     """Structured pruning (any registered criterion, depth included) and its fine-tuning."""
@@ -207,6 +227,9 @@ def _stage_prune(run: StageRun) -> dict[str, Any]:
     o = dict(run.options)
     if o.get("distill_from") in ("original", "parent"):
         o["distill_from"] = str(run.runner.artifact_of_key(run.stage.inputs["teacher_stage"]))
+        o["distill_from_arch"] = run.study.consented_arch(o["distill_from"])
+    elif o.get("distill_from_arch"):
+        o["distill_from_arch"] = run.ref("distill_from_arch")
     d = run.study.options.get("data") or {}
     cfg = prune_config(o, run.study.device, d.get("eval_samples"), d.get("eval_batch"))
     ckpt = run.load_parent_checkpoint()
@@ -274,6 +297,16 @@ def _stage_build(run: StageRun) -> dict[str, Any]:
                         data_dir=run.study.data_dir, **_given(run.options, ("enabled",)))
 
 
+def _bench_arch(paths: list[str], run: StageRun) -> str | None:
+    """The user code that rebuilds the checkpoints timed here (bench takes one ``arch`` for all of them)."""
+    codes = sorted({c for p in paths if Path(p).name == MODEL_FILE if (c := run.study.consented_arch(p))})
+    if len(codes) > 1:
+        raise UsageError(f"{run.stage.label}: its checkpoints are built from different user code ({', '.join(codes)}) "
+                         "and a benchmark rebuilds them all with one; time them on ort (export) instead, or give "
+                         "the variants the same code")
+    return codes[0] if codes else None
+
+
 @register_stage("bench", "bench.json")
 def _stage_bench(run: StageRun) -> dict[str, Any]:
     """Every artifact of one backend's family in the study, timed together in interleaved rounds (paired)."""
@@ -283,6 +316,8 @@ def _stage_bench(run: StageRun) -> dict[str, Any]:
     listing = o["artifacts"]
     paths = [str(run.runner.artifact_of_key(stage_id)) for stage_id in run.stage.inputs["artifacts"]]
     cfg = bench_config(_given(o, ("artifacts",)), o["backend"], run.study.device)
+    if cfg.arch is None:
+        cfg.arch = _bench_arch(paths, run)
     console.info(f"{run.stage.label}: timing {len(paths)} artifacts in alternation ({o['backend']}, batch "
                  f"{', '.join(map(str, cfg.batches))})")
     results = bench.benchmark(paths, cfg, names=[item["branch"] for item in listing])

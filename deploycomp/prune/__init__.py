@@ -89,6 +89,7 @@ class PruneConfig:
     finetune: TrainConfig | None = field(default_factory=lambda: TrainConfig(epochs=1))  # None: no fine-tuning
     finetune_on_synthetic: bool = True  # False: skip the fine-tuning when the data is synthetic (the CLI's default)
     distill_from: str | None = None  # teacher checkpoint (or zoo name): fine-tune with knowledge distillation
+    distill_from_arch: str | None = None  # the user code a distill_from checkpoint was built from (running it: consent)
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft-target (KL) term
     lam: float = 0.5  # weight of the cross-entropy term
@@ -128,6 +129,8 @@ class PruneConfig:
               f"--eval-samples must be positive, got {self.eval_samples}")
         check(self.distill_from is None or self.finetune is not None,
               "--distill-from distils during fine-tuning; give --finetune-epochs 1 or more")
+        check(self.distill_from_arch is None or self.distill_from is not None,
+              "--distill-from-arch names the code of a --distill-from checkpoint; give --distill-from too")
         from deploycomp.distill import check_kd_params
 
         check_kd_params(self.temperature, self.alpha, self.lam)
@@ -380,7 +383,8 @@ def _distill_loss(ckpt, cfg: PruneConfig):
     from deploycomp.checkpoint import load_model
 
     teacher = load_model(cfg.distill_from, num_classes=ckpt.num_classes,
-                         in_channels=ckpt.model_kwargs.get("in_channels"))
+                         in_channels=ckpt.model_kwargs.get("in_channels"), arch=cfg.distill_from_arch,
+                         code_option="--distill-from-arch")
     if teacher.num_classes is not None and ckpt.num_classes is not None and teacher.num_classes != ckpt.num_classes:
         raise UsageError(f"teacher {cfg.distill_from} has {teacher.num_classes} classes but the model has "
                          f"{ckpt.num_classes}; they must predict the same classes")
@@ -394,6 +398,8 @@ def _params(cfg: PruneConfig) -> dict[str, Any]:
     if cfg.distill_from is None:
         for k in ("temperature", "alpha", "lam"):
             p.pop(k)
+    if cfg.distill_from_arch is None:
+        p.pop("distill_from_arch")
     return p
 
 
