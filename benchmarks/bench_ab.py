@@ -126,13 +126,26 @@ def summary(rs: list[dict], kind: str) -> dict:
             "wall_s": st.median(r["wall_s"] for r in rs), "kind": kind}
 
 
+def with_run_term(rs: list[dict], run_spread_pct: float | None = None) -> list[dict]:
+    """The runs' intervals and verdicts recomputed from their sessions' speed-ups the way bench combines them
+    now (``paired.across_sessions``: the sessions' t term plus the run-level term)."""
+    from deploycomp.bench.paired import RUN_SPREAD_PCT, across_sessions
+
+    spread = RUN_SPREAD_PCT if run_spread_pct is None else run_spread_pct
+    out = []
+    for r in rs:
+        est = across_sessions(r["session_speedups"], rounds=r.get("rounds") or 0, run_spread_pct=spread)
+        out.append({**r, "speedup": est.speedup, "ci": list(est.ci95), "verdict": est.verdict})
+    return out
+
+
 def fewer_sessions(rs: list[dict], k: int) -> dict | None:
     """The A/B coverage and width had each run used only its first ``k`` sessions."""
     from deploycomp.bench.paired import across_sessions
 
     if not rs or any(len(r["session_speedups"]) < k for r in rs):
         return None
-    ests = [across_sessions(r["session_speedups"][:k], rounds=0) for r in rs]
+    ests = [across_sessions(r["session_speedups"][:k], rounds=0) for r in rs]  # with the run-level term
     held = 0
     for i, e in enumerate(ests):
         others = geomean([x.speedup for j, x in enumerate(ests) if j != i])
@@ -155,17 +168,30 @@ def levels(rs: list[dict]) -> dict | None:
         return None
     means = [sum(v) / len(v) for v in runs]
     predicted = st.mean(st.variance(v) / len(v) for v in runs)
-    return {"between_runs_pct": 100 * st.stdev(means), "predicted_pct": 100 * math.sqrt(predicted),
-            "session_sd_pct": 100 * math.sqrt(st.mean(st.variance(v) for v in runs))}
+    between = st.variance(means)
+    return {"between_runs_pct": 100 * math.sqrt(between), "predicted_pct": 100 * math.sqrt(predicted),
+            "session_sd_pct": 100 * math.sqrt(st.mean(st.variance(v) for v in runs)),
+            "extra_pct": 100 * math.sqrt(max(0.0, between - predicted))}
 
 
 def report(results: dict[str, list[dict]], args, env: dict, seconds: float) -> str:
+    from deploycomp.bench.paired import RUN_SPREAD_PCT
+
+    derived = {}
+    for key, rs in results.items():
+        derived[key] = rs
+        if key.endswith("| after") and all(len(r["session_speedups"]) >= 2 for r in rs):
+            derived[key.replace("| after", "| after + run term")] = with_run_term(rs)
+    results = derived
     lines = ["# Does a `deploycomp bench` interval hold when the benchmark is run again? (issues 11, 21)", "",
              f"Command: `python benchmarks/bench_ab.py --before {args.before_label} --reps {args.reps}` "
              f"({seconds / 60:.1f} min). Each run is a separate `deploycomp bench A B` process with default options "
              "(plus `--threads 1` in the one-thread rows); `before` is deploycomp at "
              f"{args.before_label} (one session of 20 interleaved rounds), `after` this tree (5 sessions, each a fresh "
-             "process, of 10 rounds; the interval across sessions). The versions alternate within each repetition.",
+             "process, of 10 rounds; the interval across sessions, as recorded: `after`). `after + run term` is the "
+             "same runs' intervals recomputed from their sessions' speed-ups with the formula bench uses now: the "
+             f"sessions' t term plus a run-level term of {RUN_SPREAD_PCT} % (`deploycomp.bench.paired.RUN_SPREAD_PCT`, "
+             "chosen from the `Levels` section below). The versions alternate within each repetition.",
              "", f"Machine: {env['cpu_model']}, {env['cpus_usable']} usable CPUs, torch {env['torch']}, onnxruntime "
              f"{env['onnxruntime']}; {env['time_utc']}.", ""]
     others = [r["conditions"].get("other_cpu_pct") for rs in results.values() for r in rs]
@@ -208,14 +234,20 @@ def report(results: dict[str, list[dict]], args, env: dict, seconds: float) -> s
               "SD of the runs' log speed-ups against what their sessions predict (each run's between-session "
               "variance / sessions): a larger first column means something slower than a session (minutes on "
               "the machine) varies too.", "",
-              "| pair | threads | SD between sessions | SD between runs | predicted from sessions |",
-              "|---|---|---:|---:|---:|"]
+              "| pair | threads | runs | SD between sessions | SD between runs | predicted from sessions | "
+              "beyond the sessions |",
+              "|---|---|---|---:|---:|---:|---:|"]
     for key, rs in results.items():
         pair, setting, version = key.split(" | ")
-        lv = levels(rs) if version == "after" else None
-        if lv:
-            lines.append(f"| {pair} | {setting} | {lv['session_sd_pct']:.2f} % | {lv['between_runs_pct']:.2f} % | "
-                         f"{lv['predicted_pct']:.2f} % |")
+        if version != "after":
+            continue
+        half = len(rs) // 2
+        for which, subset in (("all", rs), (f"1-{half}", rs[:half]), (f"{half + 1}-{len(rs)}", rs[half:])):
+            lv = levels(subset)
+            if lv:
+                lines.append(f"| {pair} | {setting} | {which} | {lv['session_sd_pct']:.2f} % | "
+                             f"{lv['between_runs_pct']:.2f} % | {lv['predicted_pct']:.2f} % | "
+                             f"{lv['extra_pct']:.2f} % |")
     lines += ["", "## Every run", "", "| pair | threads | version | rep | speed-up [95 % interval] | verdict | "
               "sessions' speed-ups | other CPU % | wall s |", "|---|---|---|---:|---|---|---|---:|---:|"]
     for key, rs in results.items():

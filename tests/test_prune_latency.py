@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -387,11 +388,17 @@ def test_each_candidate_is_timed_in_several_sessions_and_combined_across_them(tm
     from deploycomp.bench.paired import across_sessions
     from deploycomp.prune.latency import VERIFY_SESSIONS
 
-    est = across_sessions([1.8, 2.0, 2.2], rounds=30)
+    est = across_sessions([1.8, 2.0, 2.2], rounds=30, run_spread_pct=0.0)
     logs = np.log([1.8, 2.0, 2.2])
     half = 4.302653 * logs.std(ddof=1) / np.sqrt(3)
     assert est.speedup == pytest.approx(7.92 ** (1 / 3)) and (est.sessions, est.rounds) == (3, 30)
     assert est.ci95 == pytest.approx([np.exp(logs.mean() - half), np.exp(logs.mean() + half)], rel=1e-5)
+    # the level above the sessions (runs minutes apart) adds a known term: 1.96 x log(1.01) in quadrature
+    wide = across_sessions([1.8, 2.0, 2.2], rounds=30, run_spread_pct=1.0)
+    both = math.hypot(half, 1.959964 * math.log(1.01))
+    assert wide.ci95 == pytest.approx([np.exp(logs.mean() - both), np.exp(logs.mean() + both)], rel=1e-5)
+    same = across_sessions([1.0, 1.0, 1.0], rounds=30, run_spread_pct=1.0)  # no spread between sessions
+    assert same.ci95 == pytest.approx([np.exp(-1.959964 * math.log(1.01)), np.exp(1.959964 * math.log(1.01))])
     assert est.verdict == "faster"
     one = across_sessions([1.5], rounds=10)
     assert (one.speedup, one.ci95, one.verdict) == (pytest.approx(1.5), None, None)

@@ -432,8 +432,9 @@ def tables(results: list[dict], with_memory: bool = False) -> list[tuple[str, li
               r["latency_ms"]["p99"], r.get("rounds"), r["throughput_ips"]] for r in results],
             ["rounds", "p99", "img/s", "backend"])]
     if len({r["artifact"] for r in results}) > 1:
+        runs = " and runs minutes apart" if "sessions" in covers and "across" in covers else ""
         out.append(("compared with the first model on the same backend and batch, timed in alternation: "
-                    f"speed-up [95% interval {covers}] and verdict; efficiency = speed-up / MACs reduction",
+                    f"speed-up [95% interval {covers}{runs}] and verdict; efficiency = speed-up / MACs reduction",
                     ["model", "backend", "batch", "MACs red.", "speed-up [95% interval]", "verdict", "efficiency"],
                     [[*name(r), r["macs_reduction"], fmt_speedup(r["speedup"], r.get("speedup_ci95")),
                       r.get("verdict") or ("reference" if r.get("paired") is None else "-"),

@@ -119,27 +119,45 @@ def paired_speedup(reference: Sequence[float], candidate: Sequence[float], *, ma
     return Speedup(est, ci, verdict(est, ci, margin_pct), int(d.size))
 
 
+# The spread of a paired speed-up between bench runs minutes apart that the sessions of one run (seconds
+# apart) do not sample, as a standard deviation in per cent (of the speed-up, in log terms). Measured by
+# benchmarks/bench_ab.py (results/bench_ab.md, "Levels"): on an idle 2-core machine the runs' speed-ups
+# spread more than their sessions predicted, and intervals from the sessions alone held the other runs'
+# estimate in too few runs. A run cannot sample this level itself, so its variance is added as a known term.
+RUN_SPREAD_PCT = 1.0
+
+
 def across_sessions(session_speedups: Sequence[float], rounds: int, *, margin_pct: float = DEFAULT_MARGIN_PCT,
-                    confidence: float = CONFIDENCE) -> Speedup:
-    """The speed-up over several sessions, each a fresh load of every model (two-level design).
+                    confidence: float = CONFIDENCE, run_spread_pct: float = RUN_SPREAD_PCT) -> Speedup:
+    """The speed-up over several sessions, each a fresh process loading every model (a multi-level design).
 
     Rounds inside one session share that session's state (where the weights landed in memory, which
     cores the threads run on, ...), so a second session of the same pair can land outside the first one's
-    interval. Kalibera & Jones (ISMM 2013) build the interval from the highest level that varies: here the
-    session. Each session gives one paired speed-up (the geometric mean of its round ratios); the estimate
-    is their geometric mean and the interval the Student-t interval of the mean log speed-up over sessions,
-    with sessions - 1 degrees of freedom. With a balanced design this interval already carries the rounds'
-    noise (it is in each session's estimate), so the levels combine without a separate variance term.
+    interval. Kalibera & Jones (ISMM 2013) build the interval from the highest level that is replicated:
+    here the session. Each session gives one paired speed-up (the geometric mean of its round ratios); the
+    estimate is their geometric mean. The interval combines two terms in log space: the Student-t term of
+    the mean over sessions (sessions - 1 degrees of freedom; it already carries the rounds' noise, which is
+    in each session's estimate) and a normal term for the level above, runs minutes apart, which one run
+    cannot replicate: its standard deviation ``run_spread_pct`` was measured beforehand (``RUN_SPREAD_PCT``),
+    as Kalibera & Jones do for a level whose variance is known from an initial experiment. Half-width:
+    ``sqrt((t * s / sqrt(n))**2 + (z * run_spread)**2)``.
     """
+    from statistics import NormalDist
+
     logs = [math.log(s) for s in session_speedups]
     if not logs or min(session_speedups) <= 0:
         raise ValueError("session speed-ups must be positive")
-    est = math.exp(sum(logs) / len(logs))
-    if len(logs) < 2:
-        return Speedup(est, None, None, rounds, len(logs))
-    lo, hi = mean_interval(logs, confidence)
-    ci = (math.exp(lo), math.exp(hi))
-    return Speedup(est, ci, verdict(est, ci, margin_pct), rounds, len(logs))
+    n = len(logs)
+    mean = sum(logs) / n
+    est = math.exp(mean)
+    if n < 2:
+        return Speedup(est, None, None, rounds, n)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    sessions_half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
+    run_half = NormalDist().inv_cdf(0.5 + confidence / 2.0) * math.log1p(run_spread_pct / 100.0)
+    half = math.hypot(sessions_half, run_half)
+    ci = (math.exp(mean - half), math.exp(mean + half))
+    return Speedup(est, ci, verdict(est, ci, margin_pct), rounds, n)
 
 
 def geometric_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:

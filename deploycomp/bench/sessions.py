@@ -8,7 +8,8 @@ one-session "95 %" interval held the next run's estimate in only 2 of 10 re-runs
 loads every artifact anew, warms up, and times them in interleaved rounds. Then:
 
 * a speed-up is the geometric mean of the sessions' paired speed-ups, with the Student-t interval across
-  sessions (:func:`deploycomp.bench.paired.across_sessions`, Kalibera & Jones' two-level design);
+  sessions widened by a known term for runs minutes apart, a level one run cannot sample
+  (:func:`deploycomp.bench.paired.across_sessions`, ``RUN_SPREAD_PCT``; Kalibera & Jones' multi-level design);
 * a median latency is the geometric mean of the sessions' medians, with the t interval across sessions;
 * percentiles, throughput and the other statistics pool every session's iterations.
 
