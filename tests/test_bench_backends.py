@@ -175,6 +175,18 @@ def test_memory_runs_in_fresh_processes_of_its_own(tiny_model, tiny_onnx):
     assert mem_onnx["steady_rss_mib"] > 0.5 * exact
 
 
+def test_memory_processes_overlap_only_on_the_cpu(monkeypatch):
+    from deploycomp.bench import memory
+
+    monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cpu = BenchConfig(device="cpu")
+    assert memory.memory_workers([("a.onnx", "ort"), ("b.pt", "torch")], cpu) == 4  # at most 4 at once
+    monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert memory.memory_workers([("a.onnx", "ort")], cpu) == 2
+    # an engine runs on a GPU: GPU processes share its memory and run one at a time
+    assert memory.memory_workers([("a.onnx", "ort"), ("e.engine", "trt")], BenchConfig()) == 1
+
+
 def test_trt_profile_batch_range():
     assert profile_batch_range(((1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32))) == (1, 16)
     assert profile_batch_range({"min": (2, 3), "opt": (4, 3), "max": (8, 3)}) == (2, 8)
