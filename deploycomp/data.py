@@ -32,11 +32,13 @@ class DatasetInfo:
     std: tuple[float, ...]
     class_names: list[str] = field(default_factory=list)
     synthetic: bool = False  # True: accuracy on it means nothing
+    task: str = "classification"  # a name in deploycomp.tasks.TASKS: what a target is (a label, a mask, boxes)
+    ignore_index: int | None = None  # segmentation: the mask value that is not scored (VOC: 255)
 
     def as_dict(self) -> dict[str, Any]:
         return {"dataset": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
                 "mean": list(self.mean), "std": list(self.std), "class_names": list(self.class_names),
-                "synthetic": self.synthetic}
+                "synthetic": self.synthetic, "task": self.task, "ignore_index": self.ignore_index}
 
 
 @dataclass(frozen=True)
