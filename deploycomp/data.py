@@ -150,7 +150,10 @@ class _Resized:
         import torch.nn.functional as F
 
         x, y = self.dataset[i]
-        return F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False)[0], y
+        x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False)[0]
+        if getattr(y, "ndim", 0) == 2:  # a segmentation mask: resized with its image, nearest class per pixel
+            y = F.interpolate(y[None, None].float(), size=self.size, mode="nearest")[0, 0].to(y.dtype)
+        return x, y
 
 
 def _read_idx(path: Path, ndim: int | None = None):

@@ -30,11 +30,14 @@ def check_kd_params(temperature: float, alpha: float, lam: float) -> None:
                                 "give at least one of them a positive weight")
 
 
-def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 0.5) -> LossFn:
+def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 0.5,
+            ignore_index: int | None = None) -> LossFn:
     """A ``fit()`` loss ``(logits, inputs, targets) -> alpha * T^2 * KL(t || s) + lam * CE(s, y)``.
 
     The teacher runs in eval mode under ``torch.no_grad`` on the inputs' device (it is moved there on
-    first use). KL uses ``batchmean`` reduction (the mathematical KL per sample, averaged).
+    first use). KL is the mathematical KL per prediction, averaged: per image for (N, classes) logits
+    (``batchmean``), per pixel for segmentation's (N, classes, H, W) maps (pixel-wise distillation), so
+    that T, alpha and lambda mean the same for both. ``ignore_index``: the target value CE skips.
 
     Args:
         teacher: the teacher ``nn.Module``; its logits must have the student's number of classes.
@@ -49,7 +52,8 @@ def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 
         import torch
         import torch.nn.functional as F
 
-        hard = F.cross_entropy(logits, targets) if lam else None
+        hard = F.cross_entropy(logits, targets, ignore_index=-100 if ignore_index is None else ignore_index) \
+            if lam else None
         if not alpha:
             return lam * hard
         first = next(teacher.parameters(), None)
@@ -63,7 +67,8 @@ def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 
                              f"{tuple(logits.shape)}; teacher and student must predict the same classes")
         log_s = F.log_softmax(logits.float() / temperature, dim=1)
         log_t = F.log_softmax(t_logits.float() / temperature, dim=1)
-        soft = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+        predictions = logits.numel() // logits.shape[1]  # N for classifiers, N * H * W for segmentation
+        soft = F.kl_div(log_s, log_t, reduction="sum", log_target=True) / predictions
         total = alpha * t2 * soft
         return total + lam * hard if hard is not None else total
 

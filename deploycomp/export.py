@@ -332,14 +332,17 @@ def ort_batch(session) -> int | None:
 
 
 def compare(ref, out) -> dict[str, float]:
-    """Max/mean absolute difference and top-1 agreement of two (N, classes) arrays."""
+    """Max/mean absolute difference and argmax agreement over the class axis of two arrays: (N, classes)
+    logits (``top1_agreement_pct``, over images) or (N, classes, H, W) maps (over pixels)."""
     import numpy as np
 
-    diff = np.abs(np.asarray(ref, dtype=np.float64) - np.asarray(out, dtype=np.float64))
-    agree = (np.asarray(ref).argmax(1) == np.asarray(out).argmax(1))
+    ref, out = np.asarray(ref), np.asarray(out)
+    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+    agree = ref.argmax(1) == out.argmax(1)
     return {"max_abs_diff": float(diff.max()) if diff.size else 0.0,
             "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-            "top1_agreement_pct": 100.0 * float(agree.mean()) if agree.size else 100.0, "samples": int(agree.size)}
+            "top1_agreement_pct": 100.0 * float(agree.mean()) if agree.size else 100.0,
+            "agreement": "pixel" if ref.ndim == 4 else "top-1", "samples": int(ref.shape[0]) if ref.ndim else 0}
 
 
 def _chunks(x, batch: int | None):
@@ -420,8 +423,8 @@ def check_parity(model, onnx_path: str | os.PathLike, groups: dict[str, list], a
 
 
 def parity_line(report: dict[str, Any]) -> str:
-    parts = [f"{kind}: max |diff| {report[kind]['max_abs_diff']:.2e}, top-1 agreement "
-             f"{report[kind]['top1_agreement_pct']:.1f}% ({report[kind]['samples']} samples)"
+    parts = [f"{kind}: max |diff| {report[kind]['max_abs_diff']:.2e}, {report[kind].get('agreement', 'top-1')} "
+             f"agreement {report[kind]['top1_agreement_pct']:.1f}% ({report[kind]['samples']} samples)"
              for kind in ("random", "real") if kind in report]
     return "parity vs PyTorch (ONNX Runtime CPU) " + "; ".join(parts)
 
@@ -489,6 +492,8 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
     example = torch.randn(*shape)
     params = count_params(model)
     macs = count_macs(model, torch.zeros(1, *chw))
+    from deploycomp.tasks import task_of_checkpoint
+
     meta = ckpt.metadata
     record: dict[str, Any] = {
         "command": "export", "output": str(output), "format": "onnx", "precision": "fp32",
@@ -496,7 +501,7 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
         "input_shape": [None if dynamic_batch else batch, *chw], "dynamic_batch": dynamic_batch,
         "layout": "NCHW", "input_dtype": "float32", "opset": opset, "exporter": exp.name,
         "mean": meta.get("mean"), "std": meta.get("std"), "class_names": meta.get("class_names"),
-        "num_classes": ckpt.num_classes, "dataset": data or meta.get("dataset"),
+        "num_classes": ckpt.num_classes, "dataset": data or meta.get("dataset"), "task": task_of_checkpoint(ckpt),
         "arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs, "surgeries": [s["op"] for s in ckpt.surgeries],
         "source": ckpt.source, "source_sha256": sha256(ckpt.source) if ckpt.source else None,
         "macs": macs, "macs_g": macs / 1e9, "flops_g": 2 * macs / 1e9, **params,
@@ -541,7 +546,8 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
                     f"ONNX Runtime disagrees with PyTorch: max |diff| {report['max_abs_diff']:.3g} > tolerance "
                     f"{report['tolerance']:.3g} (atol {atol:g} + rtol {rtol:g} x max |logit| "
                     f"{report['max_abs_logit']:.3g}; "
-                    f"top-1 agreement {report['top1_agreement_pct']:.1f}%); the model was kept only as "
+                    f"{report.get('agreement', 'top-1')} agreement {report['top1_agreement_pct']:.1f}%); the model "
+                    "was kept only as "
                     f"{failed_path(output, 'parity')} for inspection")
         else:
             record["parity"] = None

@@ -17,7 +17,10 @@ def describe(model: str | None, *, input_size: tuple[int, int] | None = None, ba
     ckpt = load_model(model, input_size=input_size, **model_options)
     shape = (ckpt.input_shape[0], *input_size) if input_size else ckpt.input_shape
     check_forward_fits(ckpt.model, shape, batch, "--batch or --input-size")
-    report = {"model": ckpt.source or ckpt.arch, "arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs,
+    from deploycomp.tasks import task_of_checkpoint
+
+    report = {"model": ckpt.source or ckpt.arch, "arch": ckpt.arch, "task": task_of_checkpoint(ckpt),
+              "model_kwargs": ckpt.model_kwargs,
               **model_metrics(ckpt.model, shape), "batch": batch, "memory": memory_summary(ckpt.model, shape, batch),
               "file_size_mib": os.path.getsize(ckpt.source) / 2**20 if ckpt.source else None,
               "layers": layer_channels(ckpt.model), "surgeries": [s["op"] for s in ckpt.surgeries]}
@@ -36,8 +39,9 @@ def list_registered(models: bool, datasets: bool) -> list[str]:
         names = list_models()
         lines.append("deploycomp built-ins:")
         lines += [f"  {n:<22} {get_spec(n).description}" for n in names if MODELS.get(n).source == "deploycomp"]
-        lines.append("torchvision classification models: " + ", ".join(n for n in names
-                                                                        if MODELS.get(n).source == "torchvision"))
+        for task in ("classification", "segmentation"):
+            lines.append(f"torchvision {task} models: " + ", ".join(
+                n for n in names if MODELS.get(n).source == "torchvision" and MODELS.get(n).task == task))
         lines.append(f"timm models: timm:NAME ({_timm_status()})")
         lines.append("your own code: path/to/file.py:factory or package.module:factory (a callable returning an "
                      "nn.Module; --model-kwargs, --weights FILE)")

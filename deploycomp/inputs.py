@@ -9,8 +9,10 @@ from deploycomp import console
 from deploycomp.checkpoint import Checkpoint, _looks_like_path, default_model, load_model
 from deploycomp.data import DatasetInfo, ModelInputs, get_dataset_spec, load_dataset
 from deploycomp.errors import UsageError
+from deploycomp.tasks import check_same_task, task_of_checkpoint
 
 DEFAULT_DATASET = "fashion-mnist"
+DEFAULT_DATASETS = {"classification": DEFAULT_DATASET, "segmentation": "fashion-scenes"}  # per task
 
 
 @dataclass
@@ -18,6 +20,17 @@ class Data:
     info: DatasetInfo
     test: Any  # torch Dataset
     train: Any = None  # torch Dataset (None when the command needs no training data)
+
+    @property
+    def task(self):
+        """The :class:`deploycomp.tasks.Task` of this data (its loss, metrics, protected layers)."""
+        from deploycomp.tasks import task_for_data
+
+        return task_for_data(self.info)
+
+
+def default_dataset(task: str | None) -> str:
+    return DEFAULT_DATASETS.get(task or "classification", DEFAULT_DATASET)
 
 
 def load_inputs(model: str | None = None, *, data: str | None = None, data_dir: str | None = None,
@@ -34,11 +47,11 @@ def load_inputs(model: str | None = None, *, data: str | None = None, data_dir: 
     ckpt = None
     if _looks_like_path(ref):
         ckpt = load_model(ref, **options)
-        name = data or ckpt.metadata.get("dataset") or DEFAULT_DATASET
+        name = data or ckpt.metadata.get("dataset") or default_dataset(task_of_checkpoint(ckpt))
         if input_size is None and ckpt.metadata.get("input_shape"):
             input_size = tuple(ckpt.metadata["input_shape"][1:])
     else:
-        name = data or DEFAULT_DATASET
+        name = data or default_dataset(model_task(ref))
         if get_dataset_spec(name).follows_model:
             ckpt = load_model(ref, input_size=input_size, **options)
             input_size = input_size or tuple(ckpt.input_shape[1:])
@@ -48,6 +61,7 @@ def load_inputs(model: str | None = None, *, data: str | None = None, data_dir: 
         options.setdefault("num_classes", info.num_classes)
         options.setdefault("in_channels", info.input_shape[0])
         ckpt = load_model(ref, input_size=tuple(info.input_shape[1:]), **options)
+    check_same_task(task_of_checkpoint(ckpt), info.task, ref, name)
     if ckpt.num_classes is not None and ckpt.num_classes != info.num_classes:
         raise UsageError(f"model {ref} has {ckpt.num_classes} classes but dataset {name} has {info.num_classes}; "
                          "pick the matching --data, or a fresh model with --num-classes")
@@ -73,3 +87,10 @@ def model_inputs(ckpt: Checkpoint, input_size: tuple[int, int] | None = None) ->
     return ModelInputs(channels=ckpt.in_channels, size=tuple(input_size or ckpt.input_shape[1:]),
                        num_classes=ckpt.num_classes, mean=tuple(mean) if mean else None,
                        std=tuple(std) if std else None)
+
+
+def model_task(ref: str) -> str:
+    """The task a zoo model, ``timm:NAME`` or user code declares (classification when it declares none)."""
+    from deploycomp.zoo import get_spec
+
+    return get_spec(ref).task

@@ -360,8 +360,9 @@ def default_output(onnx_path: str | os.PathLike, precision: str, target: str | N
 
 
 def evaluate_onnx(path: str | os.PathLike, dataset, samples: int | None = None, batch_size: int = 256,
-                  seed: int = 0) -> dict[str, Any]:
-    """Top-1 of an ONNX model on ``dataset`` with ONNX Runtime CPU; also returns the predictions."""
+                  seed: int = 0, task=None) -> dict[str, Any]:
+    """The task's metrics (default: top-1) of an ONNX model on ``dataset`` with ONNX Runtime CPU; also
+    returns the argmax predictions (per image, or per pixel for segmentation)."""
     import numpy as np
     import torch
 
@@ -370,7 +371,7 @@ def evaluate_onnx(path: str | os.PathLike, dataset, samples: int | None = None, 
     session = ort_session(path)
     fixed = ort_batch(session)
     data = subset(dataset, samples, seed=seed)
-    preds, labels = [], []
+    preds, meter = [], None
     for x, y in console.progress(make_loader(data, batch_size), total=None, description=f"ORT {Path(path).name}"):
         if fixed is not None:  # a static-batch model: feed it pieces of its own batch size
             n = x.shape[0] // fixed * fixed
@@ -380,11 +381,14 @@ def evaluate_onnx(path: str | os.PathLike, dataset, samples: int | None = None, 
             out = np.concatenate([ort_run(session, x[i:i + fixed]) for i in range(0, n, fixed)])
         else:
             out = ort_run(session, x)
+        if meter is None:
+            from deploycomp.tasks import get_task
+
+            meter = (task or get_task("classification", int(out.shape[1]))).meter()
+        meter.update(torch.from_numpy(out), torch.as_tensor(y))
         preds.append(out.argmax(1))
-        labels.append(torch.as_tensor(y).numpy())
-    preds_a, labels_a = np.concatenate(preds), np.concatenate(labels)
-    return {"top1_pct": 100.0 * float((preds_a == labels_a).mean()), "samples": int(labels_a.size),
-            "predictions": preds_a}
+    check(meter is not None, f"no test sample reached {path}: the test set is smaller than its batch size")
+    return {**meter.result(), "predictions": np.concatenate(preds)}
 
 
 def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None = None, *, precision: str,
@@ -429,7 +433,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     if spec.needs_data and not name:
         raise UsageError(f"INT8 calibration needs data: {src} has no sidecar naming its dataset; pass --data NAME "
                          "(and --data-dir DIR), e.g. --data fashion-mnist")
-    test = None
+    test = task = None
     if name:
         from deploycomp.data import load_dataset
 
@@ -441,8 +445,11 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
             if info.synthetic:
                 console.warn(f"calibrating on synthetic data ({name}): the INT8 scales and accuracy mean nothing")
         if evaluate:
+            from deploycomp.tasks import task_for_data
+
             test, info = load_dataset(name, "test", data_dir, input_size=hw)
             _check_channels(info, io, name)
+            task = task_for_data(info)
 
     with atomic_path(out) as tmp:
         with console.status_line(f"converting {src} to {precision}"):
@@ -451,7 +458,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
         record = _record(src, out, side, precision, details, io)
         record["parity_vs_fp32"] = _random_parity(src, tmp, io)
         if test is not None:
-            record["accuracy"] = _accuracy(src, tmp, test, eval_samples, name, seed)
+            record["accuracy"] = _accuracy(src, tmp, test, eval_samples, name, seed, task)
     record["onnx_sha256"] = sha256(out)
     record["size_mib"] = out.stat().st_size / 2**20
     record["source_size_mib"] = src.stat().st_size / 2**20
@@ -494,13 +501,18 @@ def _random_parity(src: Path, dst: Path, io: dict) -> dict[str, Any]:
     return compare(ort_run(ort_session(src), x), ort_run(ort_session(dst), x))
 
 
-def _accuracy(src: Path, dst: Path, test, samples: int | None, name: str, seed: int) -> dict[str, Any]:
-    ref = evaluate_onnx(src, test, samples, seed=seed)
-    new = evaluate_onnx(dst, test, samples, seed=seed)
+def _accuracy(src: Path, dst: Path, test, samples: int | None, name: str, seed: int, task=None) -> dict[str, Any]:
+    """The task's headline metric of the converted model against the FP32 one (``top1_pct`` for
+    classifiers: ``fp32_top1_pct``, ``top1_pct``, ``top1_drop_points``; ``miou_pct`` for segmentation: ...)."""
+    metric = task.metric if task is not None else "top1_pct"
+    ref = evaluate_onnx(src, test, samples, seed=seed, task=task)
+    new = evaluate_onnx(dst, test, samples, seed=seed, task=task)
     agree = 100.0 * float((ref.pop("predictions") == new.pop("predictions")).mean())
+    stem = metric.removesuffix("_pct")
     acc = {"dataset": name, "split": "test", "samples": new["samples"], "runtime": "onnxruntime CPU",
-           "fp32_top1_pct": ref["top1_pct"], "top1_pct": new["top1_pct"],
-           "top1_drop_points": ref["top1_pct"] - new["top1_pct"], "prediction_agreement_pct": agree}
+           "metric": metric, "label": task.label if task is not None else "top-1",
+           f"fp32_{metric}": ref[metric], metric: new[metric],
+           f"{stem}_drop_points": ref[metric] - new[metric], "prediction_agreement_pct": agree}
     return acc
 
 
@@ -512,7 +524,9 @@ def summary_line(record: dict[str, Any]) -> str:
         parts.append(f"max |diff| vs FP32 on random inputs {p['max_abs_diff']:.3g}")
     a = record.get("accuracy")
     if a:
-        parts.append(f"top-1 on {a['dataset']} test ({a['samples']:,} images, ORT CPU): {a['top1_pct']:.2f}% vs FP32 "
-                     f"{a['fp32_top1_pct']:.2f}% ({0.0 - a['top1_drop_points']:+.2f} points, "
+        m = a.get("metric", "top1_pct")
+        parts.append(f"{a.get('label', 'top-1')} on {a['dataset']} test ({a['samples']:,} images, ORT CPU): "
+                     f"{a[m]:.2f}% vs FP32 {a[f'fp32_{m}']:.2f}% "
+                     f"({0.0 - a[m.removesuffix('_pct') + '_drop_points']:+.2f} points, "
                      f"{a['prediction_agreement_pct']:.2f}% same predictions)")
     return "; ".join(parts)

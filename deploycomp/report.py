@@ -101,6 +101,25 @@ class StudyReport:
     headline: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     model: str | None = None  # the original model: the checkpoint file or zoo name the run started from
+    metric: str = "top1_pct"  # the task's headline metric (segmentation: miou_pct): the rows' accuracy keys
+    metric_label: str = "top-1"  # how the tables name it
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        """The accuracy keys of a row: the metric, its change against the original, its value before fine-tuning."""
+        return metric_keys(self.metric)
+
+
+def metric_keys(metric: str) -> tuple[str, str, str]:
+    """``top1_pct`` -> (``top1_pct``, ``top1_change_pts``, ``top1_before_finetune_pct``); likewise ``miou_pct``."""
+    stem = metric.removesuffix("_pct")
+    return metric, f"{stem}_change_pts", f"{stem}_before_finetune_pct"
+
+
+def columns_for(s: StudyReport, columns: tuple) -> tuple:
+    """``columns`` (written for classification) with the study's metric keys and name."""
+    rename = dict(zip(metric_keys("top1_pct"), s.keys, strict=True))
+    return tuple((rename.get(c[0], c[0]), c[1].replace("top-1", s.metric_label), *c[2:]) for c in columns)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +182,10 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
     latency_rows: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     dataset, synthetic, eval_samples = None, False, None
+    evals = [rec(b.get("evaluate")) for b in study.get("branches", [])]
+    metric, label = next(((e["metric"], e.get("metric_label", e["metric"])) for e in evals if e and e.get("metric")),
+                         ("top1_pct", "top-1"))
+    m_value, _, m_before = metric_keys(metric)
     notes = list(study.get("notes") or [])
     for b in study.get("branches", []):
         ev = rec(b.get("evaluate"))
@@ -174,8 +197,8 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
             eval_samples = _get(ev, "test", "samples", default=eval_samples)
         row: dict[str, Any] = {
             "variant": b["name"], "method": b.get("description", ""),
-            "top1_pct": _get(ev, "test", "top1_pct"),
-            "top1_before_finetune_pct": _get(prune, "accuracy", "after_pruning", "top1_pct")
+            m_value: _get(ev, "test", metric),
+            m_before: _get(prune, "accuracy", "after_pruning", metric)
             if prune and _get(prune, "params", "finetune") is not None else None,
             "size_mib": _get(ev, "checkpoint_size_mib"),
             "params_m": ev["params_total"] / 1e6 if ev and ev.get("params_total") is not None else None,
@@ -191,14 +214,14 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
             top1 = None
             if stage_kind == "export":
                 artifact_size = _get(rec(b.get("export")), "size_mib")
-                top1 = next((_get(q, "accuracy", "fp32_top1_pct") for q in quant.values() if q), None)
+                top1 = next((_get(q, "accuracy", f"fp32_{metric}") for q in quant.values() if q), None)
             elif stage_kind == "quantize":
                 q = quant.get(item["precision"])
-                artifact_size, top1 = _get(q, "size_mib"), _get(q, "accuracy", "top1_pct")
+                artifact_size, top1 = _get(q, "size_mib"), _get(q, "accuracy", metric)
             elif stage_kind == "build":
                 artifact_size = _get(rec((b.get("build") or {}).get(item["precision"])), "size_mib")
             else:
-                artifact_size, top1 = row["size_mib"], row["top1_pct"]
+                artifact_size, top1 = row["size_mib"], row[m_value]
             for r in bench.get("results", []):
                 if r.get("source_stage", item.get("source_stage")) != item.get("source_stage"):
                     continue  # a paired bench stage holds every artifact of the study: this branch's only
@@ -206,7 +229,7 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
                 latency_rows.append({
                     "variant": b["name"], "precision": r.get("precision") or item["precision"],
                     "format": FORMAT_OF_STAGE.get(stage_kind, "pt"), "backend": r.get("backend", item["backend"]),
-                    "batch": r.get("batch"), "top1_pct": top1, "size_mib": artifact_size,
+                    "batch": r.get("batch"), m_value: top1, "size_mib": artifact_size,
                     "latency_median_ms": r.get("latency_median_ms") or lat.get("median"),
                     "latency_p99_ms": lat.get("p99"),
                     "latency_cov_pct": lat.get("cov_pct"), "throughput_ips": r.get("throughput_ips"),
@@ -220,7 +243,7 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
                     "environment": r.get("environment") or {}})
         rows.append(row)
 
-    _relative_to_original(rows, latency_rows, _get(study, "bench", "margin_pct"))
+    _relative_to_original(rows, latency_rows, _get(study, "bench", "margin_pct"), metric)
     for row in rows:
         hit = next((r for r in latency_rows if r["variant"] == row["variant"] and r["backend"] == head["backend"]
                     and r["precision"] == head["precision"] and r["batch"] == head["batch"]), None)
@@ -234,7 +257,7 @@ def _study(study: dict[str, Any], records: dict[str, dict]) -> StudyReport:
     root = rec(study.get("root")) or {}
     model = f"{root['model']} ({root.get('arch')})" if root.get("model") else study.get("model")
     return StudyReport(study["name"], study.get("description", ""), study.get("scale", ""), dataset, synthetic,
-                       eval_samples, rows, latency_rows, head, notes, model)
+                       eval_samples, rows, latency_rows, head, notes, model, metric, label)
 
 
 def _ratio_pct(value, ref) -> float | None:
@@ -243,14 +266,16 @@ def _ratio_pct(value, ref) -> float | None:
     return 100.0 * value / ref
 
 
-def _relative_to_original(rows: list[dict], latency_rows: list[dict], margin_pct: float | None = None) -> None:
+def _relative_to_original(rows: list[dict], latency_rows: list[dict], margin_pct: float | None = None,
+                          metric: str = "top1_pct") -> None:
     """Change, retention and reductions against the first row (the original); speed-ups, paired when possible."""
     if not rows:
         return
     o = rows[0]
     for r in rows:
-        r["top1_change_pts"] = r["top1_pct"] - o["top1_pct"] if None not in (r["top1_pct"], o["top1_pct"]) else None
-        r["accuracy_retained_pct"] = _ratio_pct(r["top1_pct"], o["top1_pct"])
+        m, change, _ = metric_keys(metric)
+        r[change] = r[m] - o[m] if None not in (r[m], o[m]) else None
+        r["accuracy_retained_pct"] = _ratio_pct(r[m], o[m])
         r["size_reduction_pct"] = 100.0 - _ratio_pct(r["size_mib"], o["size_mib"]) \
             if _ratio_pct(r["size_mib"], o["size_mib"]) is not None else None
         r["macs_reduction_pct"] = 100.0 - _ratio_pct(r["macs_m"], o["macs_m"]) \
@@ -376,8 +401,8 @@ def markdown(run: dict[str, Any], studies: list[StudyReport], plots: dict[str, l
             lines += [f"## {s.name}", ""]
         if s.description and s.description != run.get("description"):
             lines += [s.description.strip(), ""]
-        facts = [f"dataset: {s.dataset or '-'}" + (f", top-1 on {s.eval_samples:,} test images" if s.eval_samples
-                                                    else "")]
+        facts = [f"dataset: {s.dataset or '-'}" + (f", {s.metric_label} on {s.eval_samples:,} test images"
+                                                    if s.eval_samples else "")]
         if s.model:
             facts.insert(0, f"original model: {s.model}")
         if s.scale:
@@ -398,9 +423,9 @@ def markdown(run: dict[str, Any], studies: list[StudyReport], plots: dict[str, l
                       "runs (weights as the runtime holds them, activations, input, output); memory red. = steady "
                       "state against the original at the same precision [range over the paired repeats]; median "
                       "of 3 processes per model (`deploycomp bench --memory`)", ""]
-        lines += [_md_table(COLUMNS, s.rows), ""]
+        lines += [_md_table(columns_for(s, COLUMNS), s.rows), ""]
         if s.latency_rows:
-            lines += ["### Every measurement", "", _md_table(LATENCY_COLUMNS, s.latency_rows), ""]
+            lines += ["### Every measurement", "", _md_table(columns_for(s, LATENCY_COLUMNS), s.latency_rows), ""]
             env = s.latency_rows[0]
             lines += [f"Latency: {env.get('device')}, {env.get('threads') or 'default'} threads; "
                       "size is the file on disk (checkpoint, ONNX or engine).", ""]
@@ -435,6 +460,8 @@ def _pairing_text(latency_rows: list[dict]) -> str:
 
 def csv_text(studies: list[StudyReport], latency: bool = False) -> str:
     columns = LATENCY_COLUMNS if latency else COLUMNS
+    if studies:  # one header: the first study's metric (a run's studies share a task)
+        columns = columns_for(studies[0], columns)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     keys = [k for k, _, spec in columns if spec != "interval"]
@@ -455,6 +482,7 @@ def json_doc(run: dict[str, Any], studies: list[StudyReport]) -> dict[str, Any]:
     return {"schema": "deploycomp.report", "schema_version": 1, **{k: run.get(k) for k in keep},
             "studies": [{"name": s.name, "model": s.model, "description": s.description, "scale": s.scale,
                          "dataset": s.dataset, "synthetic": s.synthetic, "eval_samples": s.eval_samples,
+                         "metric": s.metric,
                          "headline": s.headline, "notes": s.notes, "rows": s.rows,
                          "latency": [{k: v for k, v in r.items()
                                       if k not in ("environment", "block_medians_ms", "sessions")}
@@ -572,11 +600,11 @@ def accuracy_latency_figure(s: StudyReport, lat: list[dict], acc_label: str):
         for key in styles:
             rs = [r for r in mine if (r["precision"], r["format"]) == key]
             if rs:
-                ax.errorbar([r["latency_median_ms"] for r in rs], [r["top1_pct"] for r in rs],
+                ax.errorbar([r["latency_median_ms"] for r in rs], [r[s.metric] for r in rs],
                             xerr=_interval_err(rs), fmt=MARKERS[styles.index(key) % len(MARKERS)], color=color,
                             capsize=3, label=f"{backend} {key[0]} ({key[1]})")
-        front = [mine[i] for i in pareto_front([(r["latency_median_ms"], r["top1_pct"]) for r in mine])]
-        ax.step([r["latency_median_ms"] for r in front], [r["top1_pct"] for r in front], where="post",
+        front = [mine[i] for i in pareto_front([(r["latency_median_ms"], r[s.metric]) for r in mine])]
+        ax.step([r["latency_median_ms"] for r in front], [r[s.metric] for r in front], where="post",
                 linestyle="--", color=color, alpha=0.6, label=f"{backend}: Pareto front")
     _log_x(ax)
     ax.set_xlabel(f"median latency (ms, log scale) at batch {s.headline['batch']}, {lat[0].get('device')} "
@@ -587,7 +615,7 @@ def accuracy_latency_figure(s: StudyReport, lat: list[dict], acc_label: str):
     ax.margins(x=0.12, y=0.12)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    label_points(ax, [r["latency_median_ms"] for r in lat], [r["top1_pct"] for r in lat], [r["variant"] for r in lat])
+    label_points(ax, [r["latency_median_ms"] for r in lat], [r[s.metric] for r in lat], [r["variant"] for r in lat])
     return fig
 
 
@@ -605,10 +633,10 @@ def accuracy_memory_figure(s: StudyReport, rows: list[dict], acc_label: str):
         for key in styles:
             rs = [r for r in mine if (r["precision"], r["format"]) == key]
             if rs:
-                ax.plot([r["steady_rss_mib"] for r in rs], [r["top1_pct"] for r in rs],
+                ax.plot([r["steady_rss_mib"] for r in rs], [r[s.metric] for r in rs],
                         MARKERS[styles.index(key) % len(MARKERS)], color=color, label=f"{backend} {key[0]} ({key[1]})")
-        front = [mine[i] for i in pareto_front([(r["steady_rss_mib"], r["top1_pct"]) for r in mine])]
-        ax.step([r["steady_rss_mib"] for r in front], [r["top1_pct"] for r in front], where="post",
+        front = [mine[i] for i in pareto_front([(r["steady_rss_mib"], r[s.metric]) for r in mine])]
+        ax.step([r["steady_rss_mib"] for r in front], [r[s.metric] for r in front], where="post",
                 linestyle="--", color=color, alpha=0.6, label=f"{backend}: Pareto front")
     ax.set_xlabel(f"steady-state memory on the runtime (MiB above a fresh process's baseline) at batch "
                   f"{s.headline['batch']}")
@@ -618,7 +646,7 @@ def accuracy_memory_figure(s: StudyReport, rows: list[dict], acc_label: str):
     ax.margins(x=0.12, y=0.12)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    label_points(ax, [r["steady_rss_mib"] for r in rows], [r["top1_pct"] for r in rows], [r["variant"] for r in rows])
+    label_points(ax, [r["steady_rss_mib"] for r in rows], [r[s.metric] for r in rows], [r["variant"] for r in rows])
     return fig
 
 
@@ -642,8 +670,9 @@ def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    acc_label = f"top-1 accuracy (%) on {s.dataset or 'the test set'}" + (" [synthetic: meaningless]"
-                                                                          if s.synthetic else "")
+    metric_name = "top-1 accuracy" if s.metric == "top1_pct" else s.metric_label
+    acc_label = f"{metric_name} (%) on {s.dataset or 'the test set'}" + (" [synthetic: meaningless]"
+                                                                         if s.synthetic else "")
 
     def save(fig, name):
         path = out_dir / f"{prefix}{name}.png"
@@ -653,11 +682,11 @@ def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    pts = [r for r in s.rows if r.get("macs_m") is not None and r.get("top1_pct") is not None]
+    pts = [r for r in s.rows if r.get("macs_m") is not None and r.get(s.metric) is not None]
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.scatter([r["macs_m"] for r in pts[1:]], [r["top1_pct"] for r in pts[1:]], label="variants")
-        ax.scatter([pts[0]["macs_m"]], [pts[0]["top1_pct"]], marker="*", s=160, color="black", label=pts[0]["variant"])
+        ax.scatter([r["macs_m"] for r in pts[1:]], [r[s.metric] for r in pts[1:]], label="variants")
+        ax.scatter([pts[0]["macs_m"]], [pts[0][s.metric]], marker="*", s=160, color="black", label=pts[0]["variant"])
         ax.set_xlabel("MACs per image (millions; FLOPs = 2 x MACs)")
         ax.set_ylabel(acc_label)
         ax.set_title(f"{s.name}: accuracy vs MACs")
@@ -665,16 +694,16 @@ def plot_study(s: StudyReport, out_dir: Path, prefix: str = "") -> list[Path]:
         ax.margins(x=0.12, y=0.12)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        label_points(ax, [r["macs_m"] for r in pts], [r["top1_pct"] for r in pts], [r["variant"] for r in pts])
+        label_points(ax, [r["macs_m"] for r in pts], [r[s.metric] for r in pts], [r["variant"] for r in pts])
         save(fig, "accuracy_vs_macs")
 
     batch = s.headline["batch"]
-    lat = [r for r in s.latency_rows if r["batch"] == batch and r.get("top1_pct") is not None
+    lat = [r for r in s.latency_rows if r["batch"] == batch and r.get(s.metric) is not None
            and r.get("latency_median_ms") is not None]
     if lat:
         fig = accuracy_latency_figure(s, lat, acc_label)
         save(fig, "accuracy_vs_latency")
-    mem = [r for r in s.latency_rows if r["batch"] == batch and r.get("top1_pct") is not None
+    mem = [r for r in s.latency_rows if r["batch"] == batch and r.get(s.metric) is not None
            and r.get("steady_rss_mib") is not None]
     if mem:
         save(accuracy_memory_figure(s, mem, acc_label), "accuracy_vs_memory")
@@ -744,8 +773,9 @@ SUMMARY_OPTIONAL = ("img/s", "p99 ms", "MMACs", "MiB", "Δ pts", "median ms", "v
 
 def summary_rows(s: StudyReport) -> tuple[list[str], list[list[Any]]]:
     """The comparison table for the terminal (print it with ``optional=SUMMARY_OPTIONAL``)."""
-    specs = dict((k, spec) for k, _, spec in COLUMNS)
-    return [h for _, h in SUMMARY_COLUMNS], [[fmt(r.get(k), specs[k], r) for k, _ in SUMMARY_COLUMNS] for r in s.rows]
+    specs = dict((k, spec) for k, _, spec in columns_for(s, COLUMNS))
+    cols = columns_for(s, SUMMARY_COLUMNS)
+    return [h for _, h in cols], [[fmt(r.get(k), specs[k], r) for k, _ in cols] for r in s.rows]
 
 
 def summary_title(s: StudyReport) -> str:

@@ -178,8 +178,10 @@ def distributed_rank() -> int:
 
 
 def evaluate(model, dataset, batch_size: int = 256, device=None, loss_fn=None, samples: int | None = None,
-             description: str = "eval") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean loss of ``model`` on ``dataset`` (or a DataLoader)."""
+             description: str = "eval", task=None) -> dict[str, float]:
+    """The task's metrics (classification: top-1 / top-5 accuracy in percent; segmentation: mIoU and pixel
+    accuracy) and the mean loss of ``model`` on ``dataset`` (or a DataLoader); ``task`` is a
+    :class:`deploycomp.tasks.Task` (None: classification with the model's classes)."""
     import torch
 
     from deploycomp.data import make_loader, subset
@@ -191,21 +193,29 @@ def evaluate(model, dataset, batch_size: int = 256, device=None, loss_fn=None, s
     loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else make_loader(dataset, batch_size)
     was_training = model.training
     model.eval().to(device)
-    n = correct1 = correct5 = 0
+    meter = criterion = None
+    n = 0
     loss_sum = 0.0
     with torch.inference_mode():
         for x, y in console.progress(loader, len(loader), description):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
-            loss = loss_fn(logits, x, y) if loss_fn else torch.nn.functional.cross_entropy(logits, y)
-            loss_sum += float(loss) * len(y)
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(dim=1).sum())
+            if meter is None:
+                task = task or _default_task(logits)
+                task.check_outputs(logits, y)
+                meter, criterion = task.meter(), loss_fn or task.loss()
+            loss_sum += float(criterion(logits, x, y)) * len(y)
+            meter.update(logits, y)
             n += len(y)
     model.train(was_training)
     check(n > 0, "the evaluation set is empty")
-    return {"top1_pct": 100.0 * correct1 / n, "top5_pct": 100.0 * correct5 / n, "loss": loss_sum / n, "samples": n}
+    return {**meter.result(), "loss": loss_sum / n, "samples": n}
+
+
+def _default_task(logits):
+    from deploycomp.tasks import get_task
+
+    return get_task("classification", int(logits.shape[1]))
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -216,7 +226,8 @@ Penalty = Callable[[Any], Any]  # (model) -> scalar added to the loss (e.g. L1 o
 
 def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
         penalties: Sequence[Penalty] = (), resume_path: str | os.PathLike | None = None, resume: bool = False,
-        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, keep_resume: bool = False) -> FitResult:
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, keep_resume: bool = False,
+        task=None) -> FitResult:
     """Train ``model`` in place on ``train_set``; evaluate on ``val_set`` after each epoch.
 
     Args:
@@ -227,6 +238,7 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
         keep_resume: leave the resume state for the caller to delete once the trained model is saved (so that
             an interruption between the end of training and that save loses nothing).
         on_epoch_end: called with ``(epoch, row)`` after each epoch (on the main process).
+        task: the :class:`deploycomp.tasks.Task` (its loss, running accuracy and metrics); None: classification.
     """
     import torch
 
@@ -257,7 +269,12 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
     check(steps_per_epoch > 0, "the training set is empty")
     scheduler = SCHEDULES.get(cfg.schedule)(optimizer, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
-    criterion = loss_fn or _cross_entropy(cfg.label_smoothing)
+    if task is None:
+        from deploycomp.tasks import get_task
+        from deploycomp.zoo import infer_num_classes
+
+        task = get_task("classification", infer_num_classes(model) or 1)
+    criterion = loss_fn or task.loss(cfg.label_smoothing)
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -278,15 +295,16 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
             else:
                 loader.generator.manual_seed(cfg.seed + epoch)
             row = _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion, penalties, device,
-                                   use_amp, channels_last, f"epoch {epoch + 1}/{cfg.epochs}", dist.main)
+                                   use_amp, channels_last, f"epoch {epoch + 1}/{cfg.epochs}", dist.main, task)
             if val_set is not None and dist.main:
-                val = evaluate(model, val_set, device=device, samples=cfg.val_samples, description="validate")
-                row.update({f"val_{k}": v for k, v in val.items() if k != "samples"})
+                val = evaluate(model, val_set, device=device, samples=cfg.val_samples, description="validate",
+                               task=task)
+                row.update({f"val_{k}": v for k, v in val.items() if k != "samples" and isinstance(v, (int, float))})
             row["epoch"] = epoch + 1
             row["lr"] = scheduler.get_last_lr()[0]
             result.history.append(row)
             if dist.main:
-                console.info(_epoch_line(row, cfg.epochs))
+                console.info(_epoch_line(row, cfg.epochs, task))
                 if resume_path:
                     _save_resume(resume_path, model, optimizer, scheduler, scaler, epoch + 1, result.history, cfg)
                 if on_epoch_end:
@@ -303,9 +321,9 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()
-    if val_set is not None and result.history and "val_top1_pct" in result.history[-1]:
+    if val_set is not None and result.history and f"val_{task.metric}" in result.history[-1]:
         last = result.history[-1]
-        result.final = {"top1_pct": last["val_top1_pct"], "top5_pct": last["val_top5_pct"], "loss": last["val_loss"]}
+        result.final = {k[4:]: v for k, v in last.items() if k.startswith("val_")}
     if resume_path and dist.main and not keep_resume and Path(resume_path).exists():
         Path(resume_path).unlink()
     return result
@@ -325,21 +343,12 @@ def _check_batch_fits(model, dataset, batch_size: int, what: str, device, traini
                            bytes_per_value=bytes_per_value)
 
 
-def _cross_entropy(label_smoothing: float) -> LossFn:
-    import torch.nn.functional as F
-
-    def loss(logits, inputs, targets):
-        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-
-    return loss
-
-
 def _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion, penalties, device, use_amp,
-                     channels_last, description, show) -> dict[str, float]:
+                     channels_last, description, show, task) -> dict[str, float]:
     import torch
 
     net.train()
-    n = correct = 0
+    n = correct = counted = 0
     loss_sum = 0.0
     batches = console.progress(loader, len(loader), description) if show else loader
     for x, y in batches:
@@ -348,6 +357,8 @@ def _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=use_amp):
             logits = net(x)
+            if n == 0:
+                task.check_outputs(logits, y)
             loss = criterion(logits, x, y)
             for penalty in penalties:
                 loss = loss + penalty(model)
@@ -359,15 +370,17 @@ def _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion
         scaler.update()
         scheduler.step()
         loss_sum += loss.item() * len(y)
-        correct += int((logits.detach().argmax(1) == y).sum())
+        hits, total = task.train_accuracy(logits, y)
+        correct, counted = correct + hits, counted + total
         n += len(y)
-    return {"train_loss": loss_sum / max(n, 1), "train_top1_pct": 100.0 * correct / max(n, 1)}
+    return {"train_loss": loss_sum / max(n, 1), f"train_{task.train_metric}": 100.0 * correct / max(counted, 1)}
 
 
-def _epoch_line(row: dict[str, float], epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}", f"train {row['train_top1_pct']:.2f}%"]
-    if "val_top1_pct" in row:
-        parts += [f"val top-1 {row['val_top1_pct']:.2f}%", f"val loss {row['val_loss']:.4f}"]
+def _epoch_line(row: dict[str, float], epochs: int, task) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}",
+             f"train {row[f'train_{task.train_metric}']:.2f}%"]
+    if f"val_{task.metric}" in row:
+        parts += [f"val {task.label} {row[f'val_{task.metric}']:.2f}%", f"val loss {row['val_loss']:.4f}"]
     parts.append(f"lr {row['lr']:.3g}")
     return "  ".join(parts)
 

@@ -42,7 +42,7 @@ def run_training(model: str | None, config, *, output: str | None = None, data: 
                      "plumbing")
     console.info(f"training {ckpt.source or ckpt.arch} on {ds.info.name} for {config.epochs} epochs -> {out}")
     result = fit(ckpt.model, ds.train, ds.test, config, loss_fn=loss_fn, penalties=penalties,
-                 resume_path=resume_path, resume=resume, keep_resume=True)
+                 resume_path=resume_path, resume=resume, keep_resume=True, task=ds.task)
     params = {"dataset": ds.info.name, **vars(config), **(lineage or {})}
     ckpt.add_lineage(op, **params)
     ckpt.metadata["metrics"] = {"test": result.final}
@@ -53,6 +53,7 @@ def run_training(model: str | None, config, *, output: str | None = None, data: 
         ckpt.save(out)
         write_sidecar(out, record)
         resume_path.unlink(missing_ok=True)  # only now: an interruption before the save loses no training
-        console.info(f"wrote {out}: test top-1 {result.final.get('top1_pct', float('nan')):.2f}% "
+        score = ds.task.summary(result.final) if ds.task.metric in result.final else "not evaluated"
+        console.info(f"wrote {out}: test {score} "
                      f"after {config.epochs} epochs ({result.seconds:.0f} s)")
     return record

@@ -44,6 +44,7 @@ class ModelSpec:
     takes: tuple[str, ...] = IO_ARGS  # which of IO_ARGS the builder accepts (user code may take neither)
     fills_defaults: bool = True  # False: pass num_classes/in_channels only when asked (user code)
     code_file: str | None = None  # user code: the file it was imported from (recorded with checkpoints)
+    task: str | None = "classification"  # a name in deploycomp.tasks.TASKS; None: the data's (user code, timm)
 
     def build_kwargs(self, num_classes: int | None = None, in_channels: int | None = None,
                      **kwargs) -> dict[str, Any]:
@@ -64,8 +65,9 @@ _torchvision_added = False
 _resolved: dict[str, ModelSpec] = {}  # namespace and user-code references already resolved
 
 
-def register_model(name: str, *, input_size: tuple[int, int, int], description: str = "", **defaults):
-    """Decorator registering a builder ``fn(num_classes, in_channels, **kwargs) -> nn.Module``."""
+def register_model(name: str, *, input_size: tuple[int, int, int], description: str = "",
+                   task: str = "classification", **defaults):
+    """Decorator registering a builder ``fn(num_classes, in_channels, **kwargs) -> nn.Module`` for ``task``."""
 
     def wrap(fn):
         def build(weights: str | None = None, **kwargs):
@@ -75,7 +77,7 @@ def register_model(name: str, *, input_size: tuple[int, int, int], description: 
                                  "(--weights FILE.pth)")
             return fn(**kwargs)
 
-        MODELS.register(name, ModelSpec(name, build, input_size, description, "deploycomp", defaults))
+        MODELS.register(name, ModelSpec(name, build, input_size, description, "deploycomp", defaults, task=task))
         return fn
 
     return wrap
@@ -98,6 +100,11 @@ def _add_torchvision_models() -> None:
             size = 299 if name == "inception_v3" else 224
             MODELS.register(name, ModelSpec(name, _torchvision_builder(name), (3, size, size),
                                             "torchvision classification model", "torchvision", num_classes=1000))
+    for name in tvm.list_models(module=tvm.segmentation):
+        if name not in MODELS:
+            MODELS.register(name, ModelSpec(name, _torchvision_builder(name, dense=True), (3, 224, 224),
+                                            "torchvision segmentation model (its 'out' logits)", "torchvision",
+                                            num_classes=21, task="segmentation"))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -205,7 +212,8 @@ def _user_code_spec(ref: str) -> ModelSpec:
     takes = _accepted(factory)
     c, hw = _declared_size(factory)
     return ModelSpec(ref, _user_code_builder(ref, factory), (c, *hw), f"user code ({code_file or target})",
-                     "user code", takes=takes, fills_defaults=False, code_file=code_file)
+                     "user code", takes=takes, fills_defaults=False, code_file=code_file,
+                     task=getattr(factory, "task", None))
 
 
 def _import_user_module(ref: str, target: str):
@@ -331,21 +339,41 @@ def _timm_builder(name: str):
 # torchvision models
 
 
-def _torchvision_builder(name: str):
+def _torchvision_builder(name: str, dense: bool = False):
+    """``dense``: a segmentation model, built without its backbone's published weights unless ``weights``
+    names some, without the auxiliary head, and wrapped so that it returns its ``out`` logits."""
+
     def build(num_classes: int, in_channels: int, weights: str | None = None, **kwargs):
         import torchvision.models as tvm
 
+        if dense:
+            kwargs.setdefault("weights_backbone", None)  # never a download behind the user's back
+            kwargs.setdefault("aux_loss", False)
         if weights is None:
             model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         else:
             model = tvm.get_model(name, weights=_resolve_weights(name, weights), **kwargs)
-            if num_classes != infer_num_classes(model):
+            if not dense and num_classes != infer_num_classes(model):
                 replace_classifier(model, num_classes)
+            check(not dense or _dense_classes(model) == num_classes,
+                  f"--weights {weights} of {name} predict {_dense_classes(model)} classes, not {num_classes}; "
+                  "train from scratch or use data with those classes")
         if in_channels != 3:
             adapt_input_channels(model, in_channels)
+        if dense:
+            from deploycomp.tasks.nets import DenseOutput
+
+            return DenseOutput(model)
         return model
 
     return build
+
+
+def _dense_classes(model) -> int | None:
+    import torch.nn as nn
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels if convs else None
 
 
 def _resolve_weights(name: str, weights: str):
@@ -522,3 +550,11 @@ def vgg16_bn_cifar(num_classes, in_channels, weights=None):
             nn.init.constant_(m.weight, 0.5)  # network slimming starts gamma at 0.5
             nn.init.zeros_(m.bias)
     return model
+
+
+@register_model("light_unet", input_size=(1, 64, 64), task="segmentation",
+                description="a small UNet (12/24/48/96, 0.27 M params, 95 MMACs at 64 px); the shipped segmenter")
+def light_unet(num_classes, in_channels, weights=None):
+    from deploycomp.tasks.nets import LightUNet
+
+    return LightUNet(num_classes, in_channels, (12, 24, 48, 96))

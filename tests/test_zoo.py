@@ -9,7 +9,9 @@ from deploycomp.errors import UnknownNameError, UsageError
 from deploycomp.metrics import count_macs, count_params, layer_channels
 from deploycomp.zoo import MODELS, build_model, get_spec, list_models
 
-BUILTINS = list_models(include_torchvision=False)
+BUILTINS = [n for n in list_models(include_torchvision=False) if get_spec(n).task == "classification"]
+SEGMENTERS = [n for n in list_models(include_torchvision=False) if get_spec(n).task == "segmentation"]
+TORCHVISION_SEGMENTATION = ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50"]
 TORCHVISION_SAMPLE = ["resnet18", "mobilenet_v2", "vgg11_bn", "efficientnet_b0", "regnet_x_400mf"]
 
 
@@ -28,6 +30,33 @@ def test_builtin_conformance(name, in_channels):
     layers = layer_channels(model)
     assert layers[0]["in"] == in_channels and layers[-1]["out"] == 7
     assert count_macs(model, x[:1]) > 0
+
+
+@pytest.mark.parametrize("name", SEGMENTERS)
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_builtin_segmenter_conformance(name, in_channels):
+    """(N, classes, H, W) logits at the input's size, the classes in the last layer."""
+    model = build_model(name, num_classes=7, in_channels=in_channels).eval()
+    x = torch.randn(2, in_channels, 32, 48)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7, 32, 48)
+    layers = layer_channels(model)
+    assert layers[0]["in"] == in_channels and layers[-1]["out"] == 7
+
+
+@pytest.mark.parametrize("name", TORCHVISION_SEGMENTATION)
+def test_torchvision_segmentation_returns_a_tensor(name):
+    """torchvision's dict output becomes its 'out' logits; no auxiliary head; no backbone download."""
+    model = build_model(name, num_classes=5, in_channels=1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 5, 64, 64)
+    assert get_spec(name).task == "segmentation" and getattr(model.model, "aux_classifier", None) is None
+
+
+def test_segmentation_models_listed_by_task():
+    assert set(TORCHVISION_SEGMENTATION) <= set(list_models())
+    assert get_spec("resnet18").task == "classification" and get_spec("light_unet").task == "segmentation"
 
 
 @pytest.mark.parametrize("name", TORCHVISION_SAMPLE)

@@ -24,7 +24,9 @@ from deploycomp.cli.options import (
 @json_option
 @pass_options
 def evaluate(opts: dict) -> None:
-    """Top-1/top-5 accuracy and loss on the test split (default: the shipped baseline)."""
+    """The task's metrics and loss on the test split (default: the shipped baseline).
+
+    Classification: top-1 and top-5 accuracy; segmentation: mIoU and pixel accuracy."""
     from deploycomp import console
     from deploycomp.errors import check
     from deploycomp.inputs import load_inputs
@@ -34,11 +36,11 @@ def evaluate(opts: dict) -> None:
     check(opts["samples"] is None or opts["samples"] > 0, f"--samples must be positive, got {opts['samples']}")
     ckpt, data = load_inputs(opts["model"], data=opts["data"], data_dir=opts["data_dir"], need_train=False,
                              **model_kwargs(opts))
-    m = run_eval(ckpt.model, data.test, opts["batch_size"], opts["device"], samples=opts["samples"])
+    m = run_eval(ckpt.model, data.test, opts["batch_size"], opts["device"], samples=opts["samples"], task=data.task)
     record = {"model": ckpt.source or ckpt.arch, "dataset": data.info.name, "synthetic": data.info.synthetic, **m}
     if opts["as_json"]:
         print_json(record)
         return
     label = " (synthetic data: meaningless)" if data.info.synthetic else ""
     console.result(f"{record['model']} on {data.info.name} test ({m['samples']:,} images){label}: "
-                   f"top-1 {m['top1_pct']:.2f}%  top-5 {m['top5_pct']:.2f}%  loss {m['loss']:.4f}")
+                   f"{data.task.summary(m)}  loss {m['loss']:.4f}")

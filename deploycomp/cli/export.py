@@ -36,9 +36,10 @@ def export(opts: dict) -> None:
     """Export a model to ONNX, then check it: ONNX checker and ONNX Runtime vs PyTorch parity.
 
     Parity runs on random inputs and on real images of the model's dataset; it prints the max
-    absolute difference and the top-1 agreement. Above tolerance the command fails and the file is
-    kept only as MODEL.FAILED-parity.onnx. A JSON sidecar (MODEL.onnx.json) records input name and
-    shape, normalisation, class names, opset, the source checkpoint and its hash.
+    absolute difference and the argmax agreement (top-1 per image; per pixel for segmentation).
+    Above tolerance the command fails and the file is kept only as MODEL.FAILED-parity.onnx. A JSON
+    sidecar (MODEL.onnx.json) records input name and shape, normalisation, class names, the task,
+    opset, the source checkpoint and its hash.
 
     \b
     Examples:
@@ -68,7 +69,7 @@ def export(opts: dict) -> None:
     p = record["parity"]
     console.result(f"wrote {output} ({record['size_mib']:.2f} MiB, opset {record['opset']}, input "
                    f"{record['input_name']} {_shape(record['input_shape'])}): max |diff| {p['max_abs_diff']:.2e}, "
-                   f"top-1 agreement {p['top1_agreement_pct']:.1f}% over {p['samples']} inputs")
+                   f"{p.get('agreement', 'top-1')} agreement {p['top1_agreement_pct']:.1f}% over {p['samples']} inputs")
 
 
 def _shape(shape) -> str:

@@ -38,7 +38,8 @@ def info(opts: dict) -> None:
 
 
 def _rows(r: dict) -> list[list]:
-    rows = [["input shape (C, H, W)", " x ".join(map(str, r["input_shape"]))],
+    rows = [["task", r.get("task") or "follows the data"],
+            ["input shape (C, H, W)", " x ".join(map(str, r["input_shape"]))],
             ["total params", r["params_total"]], ["trainable params", r["params_trainable"]],
             ["non-trainable params", r["params_non_trainable"]],
             ["MACs (G)", f"{r['macs_g']:.4f}"], ["FLOPs (G) = 2 x MACs", f"{r['flops_g']:.4f}"],
@@ -63,6 +64,8 @@ def _short(value) -> str:
         test = value.get("test", value)
         if isinstance(test, dict) and "top1_pct" in test:
             return f"test top-1 {test['top1_pct']:.2f}%"
+        if isinstance(test, dict) and "miou_pct" in test:
+            return f"test mIoU {test['miou_pct']:.2f}%"
         if "test" in value and test is None:
             return "test accuracy not measured"
     return str(value)

@@ -149,7 +149,7 @@ def _fit_stage(run: StageRun, ckpt, config, *, loss_fn=None, penalties=(), op: s
     ds = run.data(need_train=True)
     resume_path = run.dir / "train.resume.pt"
     result = fit(ckpt.model, ds.train, None, config, loss_fn=loss_fn, penalties=penalties,
-                 resume_path=resume_path, resume=resume_path.exists(), keep_resume=True)
+                 resume_path=resume_path, resume=resume_path.exists(), keep_resume=True, task=ds.task)
     params = {"dataset": ds.info.name, **dataclasses.asdict(config), **lineage}
     ckpt.add_lineage(op, **params)
     _save_model(ckpt, run)
@@ -242,7 +242,8 @@ def _stage_prune(run: StageRun) -> dict[str, Any]:
 
 @register_stage("evaluate", None)
 def _stage_evaluate(run: StageRun) -> dict[str, Any]:
-    """Top-1 of the saved checkpoint, reloaded from disk, on the study's evaluation subset; size and MACs."""
+    """The task's metrics (top-1; mIoU) of the saved checkpoint, reloaded from disk, on the study's
+    evaluation subset; size and MACs."""
     from deploycomp.files import file_size_mib
     from deploycomp.metrics import model_metrics
     from deploycomp.train import evaluate
@@ -251,9 +252,10 @@ def _stage_evaluate(run: StageRun) -> dict[str, Any]:
     ckpt = run.load_parent_checkpoint()
     ds = run.data()
     acc = evaluate(ckpt.model, ds.test, o.get("eval_batch") or 256, run.study.device, samples=o.get("eval_samples"),
-                   description=f"{run.stage.label}: eval")
-    console.info(f"{run.stage.label}: top-1 {acc['top1_pct']:.2f}% on {acc['samples']:,} test images")
-    return {"test": acc, "dataset": ds.info.name, "synthetic": ds.info.synthetic,
+                   description=f"{run.stage.label}: eval", task=ds.task)
+    console.info(f"{run.stage.label}: {ds.task.summary(acc)} on {acc['samples']:,} test images")
+    return {"test": acc, "dataset": ds.info.name, "synthetic": ds.info.synthetic, "task": ds.task.name,
+            "metric": ds.task.metric, "metric_label": ds.task.label,
             "checkpoint_size_mib": file_size_mib(run.parent_artifact()), "lineage": ckpt.metadata.get("lineage", []),
             **model_metrics(ckpt.model, ckpt.input_shape)}
 

@@ -198,9 +198,11 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     check(not ckpt.trusted_pickle, "a pickled module cannot be pruned into a safe checkpoint; load its state dict "
                                    "with --arch NAME instead")
     device = resolve_device(cfg.device)
-    criterion = get_criterion(cfg.method)(CriterionOptions(cfg.norm, cfg.coverage_threshold, cfg.seed, device))
+    task = data.task
+    criterion = get_criterion(cfg.method)(CriterionOptions(cfg.norm, cfg.coverage_threshold, cfg.seed, device,
+                                                           loss=task.loss()))
     model = ckpt.model.cpu().eval()
-    ignored = ignored_layers(model, cfg.ignore)
+    ignored = ignored_layers(model, cfg.ignore, task)
     loss_fn = _distill_loss(ckpt, cfg) if cfg.finetune is not None else None
     check(cfg.finetune is None or data.train is not None, "fine-tuning needs the training split of the dataset")
     batches = []
@@ -223,7 +225,8 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     def evaluate_now(what: str) -> dict[str, float] | None:
         if data.info.synthetic and cfg.eval_samples is None:
             return None  # accuracy on random tensors means nothing: measured only when asked for
-        return evaluate(model, data.test, cfg.eval_batch, device, samples=cfg.eval_samples, description=what)
+        return evaluate(model, data.test, cfg.eval_batch, device, samples=cfg.eval_samples, description=what,
+                        task=task)
 
     steps_done: list[dict[str, Any]] = []
     acc_before = None
@@ -238,7 +241,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
             strategy.plan(ctx)  # may refuse an unreachable target: before anything else is spent
             seconds["pruning"] += time.perf_counter() - t
             acc_before = evaluate_now("eval (before)")
-            console.info(f"before pruning: {_top1(acc_before)}, {before['macs'] / 1e9:.3f} G MACs")
+            console.info(f"before pruning: {_score(acc_before, task)}, {before['macs'] / 1e9:.3f} G MACs")
             t = time.perf_counter()
         with console.status_line(f"pruning ({cfg.method}, step {step + 1}/{cfg.steps})"):
             done = strategy.step(ctx, step)
@@ -252,12 +255,12 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
         with one_thread():
             done["macs"] = count_macs(model, example)
         console.info(f"step {step + 1}/{cfg.steps}: {done['macs'] / 1e9:.3f} G MACs, "
-                     f"{_top1(done['after_pruning'])} right after pruning")
+                     f"{_score(done['after_pruning'], task)} right after pruning")
         epochs = _epochs_for_step(cfg.finetune_epochs, cfg.steps, step)
         if epochs:
             t = time.perf_counter()
             ft = dataclasses.replace(cfg.finetune, epochs=epochs)
-            _finetune(model, data.train, ft, loss_fn)
+            _finetune(model, data.train, ft, loss_fn, task)
             seconds["finetuning"] += time.perf_counter() - t
             done["finetune_epochs"] = epochs
         steps_done.append(done)
@@ -314,8 +317,8 @@ def _for_data(cfg: PruneConfig, info) -> PruneConfig:
                                else cfg.recalibrate_bn)
 
 
-def _top1(acc: dict[str, float] | None) -> str:
-    return f"top-1 {acc['top1_pct']:.2f}%" if acc else "accuracy not measured (synthetic data)"
+def _score(acc: dict[str, float] | None, task) -> str:
+    return f"{task.label} {acc[task.metric]:.2f}%" if acc else "accuracy not measured (synthetic data)"
 
 
 def run_prune(model: str | None, config: PruneConfig, *, output: str | None = None, data: str | None = None,
@@ -365,10 +368,10 @@ def _epochs_for_step(total: int, steps: int, step: int) -> int:
     return (step + 1) * total // steps - step * total // steps
 
 
-def _finetune(model, train_set, config: TrainConfig, loss_fn) -> None:
+def _finetune(model, train_set, config: TrainConfig, loss_fn, task=None) -> None:
     from deploycomp.train import fit
 
-    fit(model, train_set, None, config, loss_fn=loss_fn)
+    fit(model, train_set, None, config, loss_fn=loss_fn, task=task)
     model.cpu().eval()
 
 

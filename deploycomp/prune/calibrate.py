@@ -107,8 +107,9 @@ def _run(model, batches, hook, device, description, context) -> None:
     model.cpu()
 
 
-def collect_taylor(model, batches: Sequence, device=None) -> None:
-    """Accumulate |w * dL/dw| (cross-entropy on the true labels) over all ``batches``.
+def collect_taylor(model, batches: Sequence, device=None, loss_fn=None) -> None:
+    """Accumulate |w * dL/dw| over all ``batches``: ``loss_fn(logits, inputs, targets)`` (the task's loss;
+    None: cross-entropy on the true labels).
 
     The model stays in eval mode, so BatchNorm statistics are untouched.
     """
@@ -126,7 +127,9 @@ def collect_taylor(model, batches: Sequence, device=None) -> None:
             p.requires_grad_(True)
             p.grad = None
         for x, y in _batches(batches, "calibrate (gradients)"):
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = loss_fn(logits, x, y) if loss_fn is not None else F.cross_entropy(logits, y)
             loss.backward()
             with torch.no_grad():
                 for m in layers:

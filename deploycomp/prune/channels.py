@@ -113,16 +113,20 @@ def module_macs(model, example, names: list[str]) -> dict[str, int]:
     return {b: sum(v for k, v in per_layer.items() if k.startswith(b + ".")) for b in names}
 
 
-def ignored_layers(model, names) -> list[str]:
-    """The classifier (the last Linear, else the last convolution) plus the user's ``--ignore`` names."""
+def ignored_layers(model, names, task=None) -> list[str]:
+    """The layers producing the predictions (``task.output_layers``; without a task: the last Linear, else
+    the last convolution) plus the user's ``--ignore`` names."""
     import difflib
 
     import torch.nn as nn
 
     modules = dict(model.named_modules())
-    heads = [n for n, m in modules.items() if isinstance(m, nn.Linear)] or \
-        [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-    out = heads[-1:]
+    if task is not None:
+        heads = {id(m) for m in task.output_layers(model)}
+        out = [n for n, m in modules.items() if id(m) in heads]
+    else:
+        out = ([n for n, m in modules.items() if isinstance(m, nn.Linear)] or
+               [n for n, m in modules.items() if isinstance(m, nn.Conv2d)])[-1:]
     for n in names:
         if n not in modules or not n:
             close = difflib.get_close_matches(n, [k for k in modules if k], n=1)

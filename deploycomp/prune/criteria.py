@@ -57,6 +57,7 @@ class CriterionOptions:
     coverage_threshold: float = 0.25  # coverage: scaled activation above which a channel counts as covered
     seed: int = 0  # random: the scores' seed
     device: Any = None  # where calibration runs (torch.device or None for CPU)
+    loss: Any = None  # taylor: the task's loss ``(logits, inputs, targets) -> loss`` (None: cross-entropy)
 
 
 class Criterion:
@@ -178,14 +179,15 @@ class Magnitude(ChannelCriterion):
 class Taylor(ChannelCriterion):
     """Importance Estimation for Neural Network Pruning (Molchanov et al., CVPR 2019, arXiv:1906.10771).
 
-    Score: first-order Taylor |w * dL/dw|, accumulated over all calibration batches (cross-entropy on the
-    true labels), summed over the channel's weights in every layer of its group.
+    Score: first-order Taylor |w * dL/dw|, accumulated over all calibration batches (the task's loss on the
+    true targets: cross-entropy on labels, or per pixel for segmentation), summed over the channel's
+    weights in every layer of its group.
     """
 
     needs_data = True
 
     def calibrate(self, model, batches):
-        calibrate.collect_taylor(model, batches, self.options.device)
+        calibrate.collect_taylor(model, batches, self.options.device, self.options.loss)
 
     def layer_score(self, layer, kind, idxs):
         if not calibrate.has_stats(layer, "taylor"):
