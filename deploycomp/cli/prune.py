@@ -155,8 +155,10 @@ def summary(record: dict) -> None:
     def arrow(x, y, fmt="{:,}"):
         return f"{fmt.format(x)} -> {fmt.format(y)}"
 
+    metric, label = record.get("metric", "top1_pct"), record.get("metric_label", "top-1")
+
     def top1(d):
-        return f"{d['top1_pct']:.2f}" if d else "-"
+        return f"{d[metric]:.2f}" if d else "-"
 
     rows = [
         ("params", arrow(b["params_total"], a["params_total"]),
@@ -166,10 +168,10 @@ def summary(record: dict) -> None:
          f"-{record['macs_reduction_pct']:.1f}% (asked -{record['macs_reduction_asked_pct']:.1f}%)"),
         ("channels removed", f"{record['channels_removed_pct']:.1f}%", f"{len(record['removed_blocks'])} blocks"
          if record["removed_blocks"] else ""),
-        ("top-1 before (%)", top1(acc["before"]), ""),
-        ("top-1 right after pruning (%)", top1(acc["after_pruning"]),
+        (f"{label} before (%)", top1(acc["before"]), ""),
+        (f"{label} right after pruning (%)", top1(acc["after_pruning"]),
          "BatchNorm re-estimated" if record["params"].get("recalibrate_bn") else ""),
-        ("top-1 after fine-tuning (%)", top1(acc["after_finetuning"]),
+        (f"{label} after fine-tuning (%)", top1(acc["after_finetuning"]),
          _epochs(record["params"]["finetune"])),
         ("time: calibration (s)", f"{sec['calibration']:.1f}", ""),
         ("time: pruning (s)", f"{sec['pruning']:.1f}", ""),

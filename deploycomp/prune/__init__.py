@@ -276,6 +276,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     layers_after = layer_channels(model)
     record = {
         "command": "prune", "method": cfg.method, "model": ckpt.source or ckpt.arch, "dataset": data.info.name,
+        "task": task.name, "metric": task.metric, "metric_label": task.label,
         "synthetic": data.info.synthetic, "params": _params(cfg),
         "before": before, "after": after,
         "macs_reduction_pct": achieved_pct,
