@@ -325,6 +325,22 @@ class _ResizeCrop:
         return F.center_crop(image, list(self.size))
 
 
+@register_dataset("fashion-scenes", "segmentation: 64x64 scenes of 1-3 Fashion-MNIST garments, 11 classes "
+                                    "(background + 10), generated deterministically (docs/segmentation-data.md)")
+def _fashion_scenes(split: str, data_dir=None, augment: bool = False, **_):
+    from deploycomp.tasks.scenes import load_scenes
+
+    return load_scenes(split, data_dir, augment)
+
+
+@register_dataset("voc", "segmentation: your images and PNG masks in Pascal VOC's layout under --data-dir "
+                         "(255 = not scored; 256 px unless --input-size)")
+def _voc(split: str, data_dir=None, augment: bool = False, input_size=None, **_):
+    from deploycomp.tasks.voc import load_voc
+
+    return load_voc(split, data_dir, augment, input_size)
+
+
 SYNTHETIC_SIZES = {"train": 512, "test": 256}
 SYNTHETIC_SHAPE, SYNTHETIC_CLASSES = (3, 32, 32), 10  # when there is no model to follow
 
