@@ -347,3 +347,37 @@ bench: {backends: [torch], batches: [1], iters: 2, warmup: 0, warmup_ms: 0, thre
     assert_one_line_error(result, "bench torch (2 artifacts, paired): its checkpoints are built from different user "
                                   "code (other_net.py:build, user_net.py:build)", "time them on ort (export)")
     assert _run_doc(tmp_path / "run")["status"] == "failed"
+
+
+SEGMENTATION = """
+name: seg
+model: light_unet
+train: {epochs: 1, train_samples: 64, batch_size: 32, optimizer: adam, lr: 0.003}
+data: {name: fashion-scenes, eval_samples: 32, eval_batch: 32}
+variants:
+  - name: taylor30
+    prune: {method: taylor, ratio: 0.3, calib_samples: 16, calib_batch: 8,
+            finetune: {epochs: 1, train_samples: 32, batch_size: 32}}
+export: {simplify: false}
+quantize: {precisions: [int8], calib_samples: 8, calib_batch: 8}
+bench: {backends: [ort], batches: [1], iters: 2, warmup: 0, warmup_ms: 0, threads: 1, sessions: 2, rounds: 2}
+"""
+
+
+def test_a_segmentation_recipe_runs_every_stage_and_reports_miou(cli, tmp_path, one_thread):
+    recipe = write(tmp_path / "seg.yaml", SEGMENTATION)
+    run_dir = tmp_path / "run"
+    out = cli("pipeline", recipe, "-o", run_dir)
+    assert "mIoU" in out.output and "pixel agreement" in out.output
+    doc = json.loads((run_dir / "report.json").read_text())["studies"][0]
+    assert doc["metric"] == "miou_pct" and [r["variant"] for r in doc["rows"]] == ["original", "taylor30"]
+    for r in doc["rows"]:
+        assert 0 <= r["miou_pct"] <= 100 and "top1_pct" not in r
+    assert doc["rows"][0]["miou_change_pts"] == 0 and doc["rows"][1]["macs_reduction_pct"] > 20
+    int8 = [r for r in doc["latency"] if r["precision"] == "int8"]
+    assert len(int8) == 2 and all(r["miou_pct"] is not None for r in int8)
+    md = (run_dir / "report.md").read_text()
+    assert "| mIoU % |" in md and "Δ mIoU (pts)" in md
+    quant = [json.loads(p.read_text())["record"] for p in (run_dir / "stages").glob("quantize-*/record.json")]
+    assert all(q["accuracy"]["metric"] == "miou_pct" and "miou_drop_points" in q["accuracy"] for q in quant)
+    assert (run_dir / "plots" / "accuracy_vs_latency.png").exists()
