@@ -123,11 +123,13 @@ def run_distillation(teacher: str | None, student: str, config, *, teacher_arch:
     out = output or str(default_output(name, "distilled"))
     lineage = {"teacher": t_ckpt.source or t_ckpt.arch, "teacher_arch": t_ckpt.arch,
                **({"teacher_code": t_ckpt.metadata["code"]} if t_ckpt.metadata.get("code") else {}),
-               "teacher_test_top1_pct": (t_ckpt.metadata.get("metrics") or {}).get("test", {}).get("top1_pct"),
+               f"teacher_test_{t_data.task.metric}": (t_ckpt.metadata.get("metrics") or {}).get("test", {}).get(
+                   t_data.task.metric),
                "temperature": temperature, "alpha": alpha, "lambda": lam}
     check_output(out, t_ckpt.source)  # the teacher is an input too
     return run_training(student, config, output=out, data=data, data_dir=data_dir, resume=resume,
-                        loss_fn=kd_loss(t_ckpt.model, temperature, alpha, lam), lineage=lineage, prepare=prepare,
+                        loss_fn=kd_loss(t_ckpt.model, temperature, alpha, lam, t_data.info.ignore_index),
+                        lineage=lineage, prepare=prepare,
                         op="distill", **student_options)
 
 

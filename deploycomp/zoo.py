@@ -557,4 +557,4 @@ def vgg16_bn_cifar(num_classes, in_channels, weights=None):
 def light_unet(num_classes, in_channels, weights=None):
     from deploycomp.tasks.nets import LightUNet
 
-    return LightUNet(num_classes, in_channels, (12, 24, 48, 96))
+    return LightUNet(num_classes, in_channels, (16, 32, 64))

@@ -203,7 +203,9 @@ def _stage_distill(run: StageRun) -> dict[str, Any]:
                  f"alpha {kd['alpha']}, lambda {kd['lam']}) for {config.epochs} epoch(s)")
     lineage = {"teacher_arch": teacher.arch, "temperature": kd["temperature"], "alpha": kd["alpha"],
                "lambda": kd["lam"]}
-    return _fit_stage(run, student, config, loss_fn=kd_loss(teacher.model.eval(), **kd), op="distill",
+    ignore = run.data().info.ignore_index
+    return _fit_stage(run, student, config, loss_fn=kd_loss(teacher.model.eval(), **kd, ignore_index=ignore),
+                      op="distill",
                       lineage=lineage)
 
 

@@ -203,7 +203,7 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
                                                            loss=task.loss()))
     model = ckpt.model.cpu().eval()
     ignored = ignored_layers(model, cfg.ignore, task)
-    loss_fn = _distill_loss(ckpt, cfg) if cfg.finetune is not None else None
+    loss_fn = _distill_loss(ckpt, cfg, data.info.ignore_index) if cfg.finetune is not None else None
     check(cfg.finetune is None or data.train is not None, "fine-tuning needs the training split of the dataset")
     batches = []
     if criterion.needs_data or cfg.recalibrate_bn:
@@ -376,7 +376,7 @@ def _finetune(model, train_set, config: TrainConfig, loss_fn, task=None) -> None
     model.cpu().eval()
 
 
-def _distill_loss(ckpt, cfg: PruneConfig):
+def _distill_loss(ckpt, cfg: PruneConfig, ignore_index: int | None = None):
     if cfg.distill_from is None:
         return None
     try:
@@ -392,7 +392,8 @@ def _distill_loss(ckpt, cfg: PruneConfig):
     if teacher.num_classes is not None and ckpt.num_classes is not None and teacher.num_classes != ckpt.num_classes:
         raise UsageError(f"teacher {cfg.distill_from} has {teacher.num_classes} classes but the model has "
                          f"{ckpt.num_classes}; they must predict the same classes")
-    return kd_loss(teacher.model.eval(), temperature=cfg.temperature, alpha=cfg.alpha, lam=cfg.lam)
+    return kd_loss(teacher.model.eval(), temperature=cfg.temperature, alpha=cfg.alpha, lam=cfg.lam,
+                   ignore_index=ignore_index)
 
 
 def _params(cfg: PruneConfig) -> dict[str, Any]:

@@ -30,15 +30,18 @@ class _Stage(nn.Sequential):
 
 
 class LightUNet(nn.Module):
-    """A UNet for small images: an encoder of ``len(widths)`` stages (two 3x3 conv-BN-ReLU each, 2x2
-    max-pool between them), a decoder that upsamples bilinearly and concatenates the encoder's features
-    at each scale, and a 1x1 convolution to the classes. Input sides must be divisible by
-    ``2 ** (len(widths) - 1)``."""
+    """A UNet for small images, at half resolution inside: a stride-2 stem, an encoder of ``len(widths)``
+    stages (two 3x3 conv-BN-ReLU each, 2x2 max-pool between them), a decoder that upsamples bilinearly
+    and concatenates the encoder's features at each scale, a 1x1 convolution to the classes, and a
+    bilinear upsampling of the logits to the input's size. The input sides must be divisible by
+    ``2 ** len(widths)``."""
 
-    def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128)):
+    def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64)):
         super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         self.down = nn.ModuleList()
-        cin = in_channels
+        cin = widths[0]
         for w in widths:
             self.down.append(_Stage(cin, w))
             cin = w
@@ -49,6 +52,8 @@ class LightUNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
+        size = x.shape[-2:]
+        x = self.stem(x)
         skips = []
         for i, stage in enumerate(self.down):
             x = stage(x if i == 0 else F.max_pool2d(x, 2))
@@ -56,4 +61,4 @@ class LightUNet(nn.Module):
         for stage, skip in zip(self.up, reversed(skips[:-1]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = stage(torch.cat([x, skip], dim=1))
-        return self.head(x)
+        return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
