@@ -553,7 +553,8 @@ def vgg16_bn_cifar(num_classes, in_channels, weights=None):
 
 
 @register_model("light_unet", input_size=(1, 64, 64), task="segmentation",
-                description="a small UNet (12/24/48/96, 0.27 M params, 95 MMACs at 64 px); the shipped segmenter")
+                description="a small UNet (16/32/64 at half resolution, 0.12 M params, 31 MMACs at 64 px); "
+                            "the shipped segmenter")
 def light_unet(num_classes, in_channels, weights=None):
     from deploycomp.tasks.nets import LightUNet
 

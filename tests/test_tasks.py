@@ -151,3 +151,32 @@ def test_task_of_data_info():
     task = task_for_data(info)
     assert task.name == "segmentation" and task.num_classes == 4 and task.ignore_index == 255
     assert task_for_data(DatasetInfo("y", 10, (1, 28, 28), (0.5,), (0.25,))).metric == "top1_pct"
+
+
+def test_relevance_starts_from_every_pixels_true_class():
+    from deploycomp.prune.calibrate import _one_hot
+
+    y = torch.tensor([[[0, 2], [255, 1]]])
+    hot = _one_hot(y, torch.zeros(1, 3, 2, 2))
+    assert hot.shape == (1, 3, 2, 2) and hot[0, :, 1, 0].tolist() == [0, 0, 0]  # ignored pixel: no relevance
+    assert hot[0, 2, 0, 1] == 1 and hot.sum() == 3
+    assert _one_hot(torch.tensor([1, 0]), torch.zeros(2, 3)).tolist() == [[0, 1, 0], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("method", ["taylor", "wanda", "coverage", "lrp", "slimming"])
+def test_every_data_driven_criterion_prunes_a_segmenter(method):
+    from deploycomp.data import DatasetInfo
+    from deploycomp.inputs import Data
+    from deploycomp.prune import PruneConfig, prune_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = __import__("deploycomp.checkpoint", fromlist=["load_model"]).load_model(
+        "light_unet", num_classes=3, in_channels=1, input_size=(16, 16))
+    info = DatasetInfo("masks", 3, (1, 16, 16), (0.5,), (0.25,), task="segmentation")
+    data = Data(info, _Masks(16), _Masks(32, seed=1))
+    pruned, record = prune_checkpoint(ckpt, data, PruneConfig(method=method, ratio=0.25, calib_samples=8,
+                                                               calib_batch=4, finetune=None))
+    with torch.no_grad():
+        assert pruned.model(torch.zeros(2, 1, 16, 16)).shape == (2, 3, 16, 16)
+    assert record["task"] == "segmentation" and record["macs_reduction_pct"] > 20
+    assert 0 <= record["accuracy"]["after_pruning"]["miou_pct"] <= 100

@@ -154,11 +154,23 @@ def lrp_canonizers(model) -> list:
     return [ResNetCanonizer()] if isinstance(model, ResNet) else [SequentialMergeBatchNorm()]
 
 
+def _one_hot(y, out):
+    """The true class of every prediction as a one-hot tensor shaped like ``out``: (N, C) for labels,
+    (N, C, H, W) for masks (pixels outside 0..C-1, an ignore index, start no relevance)."""
+    import torch.nn.functional as F
+
+    c = out.shape[1]
+    valid = (y >= 0) & (y < c)
+    hot = F.one_hot(y.clamp(0, c - 1), c) * valid.unsqueeze(-1)
+    return (hot if hot.dim() == 2 else hot.movedim(-1, 1)).to(out)
+
+
 def collect_relevance(model, batches: Sequence, device=None) -> None:
     """Accumulate LRP relevance (zennit, EpsilonPlusFlat, canonized) at every layer's input channels.
 
-    Relevance starts from the true class's logit. Under zennit's rules the backward signal reaching a
-    tensor *is* its relevance, so a tensor hook on each layer's input reads it directly.
+    Relevance starts from the true class's logit (of every pixel, for segmentation). Under zennit's rules
+    the backward signal reaching a tensor *is* its relevance, so a tensor hook on each layer's input reads
+    it directly.
     """
     import torch
     from zennit.attribution import Gradient
@@ -185,7 +197,7 @@ def collect_relevance(model, batches: Sequence, device=None) -> None:
         with _input_hooks(model, hook), Gradient(model, composite) as attributor:
             for x, y in _batches(batches, "calibrate (relevance)"):
                 y = y.to(device)
-                attributor(x.to(device), lambda out, y=y: torch.nn.functional.one_hot(y, out.shape[1]).to(out))
+                attributor(x.to(device), lambda out, y=y: _one_hot(y, out))
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
