@@ -10,11 +10,9 @@ from deploycomp.checkpoint import register_surgery
 @register_surgery("prune_channels")
 def replay_channel_pruning(model, record: dict[str, Any], example_input) -> None:
     """Re-apply torch-pruning's recorded history (``record["history"]``) to a fresh model."""
-    import torch_pruning as tp
+    from deploycomp.prune.adapters import after_pruning, dependency_graph
 
-    from deploycomp.prune.adapters import after_pruning
-
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    dg = dependency_graph(model, example_input)
     dg.load_pruning_history(record["history"])
     after_pruning(model)
 
