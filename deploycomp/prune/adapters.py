@@ -134,17 +134,16 @@ register_adapter("torchvision.models.vision_transformer.VisionTransformer", prun
 def _opaque_ops():
     import torch
 
-    class Halves(torch.autograd.Function):
-        """x.chunk(2, dim=1), traced as one element-wise op."""
+    class Split(torch.autograd.Function):
+        """x.split(size, dim=1), traced as one element-wise op."""
 
         @staticmethod
-        def forward(ctx, x):
-            a, b = x.chunk(2, dim=1)
-            return a.clone(), b.clone()
+        def forward(ctx, x, size):
+            return tuple(p.clone() for p in x.split(size, dim=1))
 
         @staticmethod
-        def backward(ctx, ga, gb):
-            return torch.cat((ga, gb), dim=1)
+        def backward(ctx, *grads):
+            return torch.cat(grads, dim=1), None
 
     class Shuffle(torch.autograd.Function):
         """Channel shuffle, traced as one element-wise op."""
@@ -161,7 +160,7 @@ def _opaque_ops():
             k = ctx.groups
             return g.reshape(b, c // k, k, h, w).transpose(1, 2).reshape(b, c, h, w), None
 
-    return Halves, Shuffle
+    return Split, Shuffle
 
 
 @contextlib.contextmanager
@@ -169,17 +168,23 @@ def _shufflenet_tracing() -> Iterator[None]:
     import torch
     from torchvision.models import shufflenetv2
 
-    halves, shuffle = _opaque_ops()
+    split, shuffle = _opaque_ops()
 
     def forward(self, x):  # torchvision's InvertedResidual.forward with the two ops above
         if self.stride == 1:
-            x1, x2 = halves.apply(x)
+            x1, x2 = split.apply(x, x.shape[1] // 2)
             out = torch.cat((x1, self.branch2(x2)), dim=1)
         else:
             out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
         return shuffle.apply(out, 2)
 
-    cls = shufflenetv2.InvertedResidual
+    with _forward_of(shufflenetv2.InvertedResidual, forward):
+        yield
+
+
+@contextlib.contextmanager
+def _forward_of(cls, forward) -> Iterator[None]:
+    """``cls.forward`` replaced by ``forward`` inside the block (while a graph is traced)."""
     original = cls.forward
     cls.forward = forward
     try:
@@ -199,3 +204,101 @@ def _shufflenet_outputs(block) -> list:
 register_adapter("torchvision.models.shufflenetv2.InvertedResidual", ignore=_shufflenet_outputs,
                  tracing=_shufflenet_tracing,
                  note="channel shuffle: the shuffled block outputs stay, the widths inside each branch are pruned")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed channel splits: a forward pass splits a layer's output into parts whose sizes it keeps in an
+# attribute, which pruning does not update. Equal parts (CSP's halves, Res2Net's scales) are pruned
+# consistently: the same channels in every part (torch-pruning's channel groups), and the size attribute
+# follows the layer. Unequal parts (MixConv's kernel groups) keep their sizes: each is read from the layer
+# that consumes it after pruning.
+
+
+def _conv_of(module):
+    """The convolution of ``module`` (a Conv2d itself, or timm's ConvNormAct around one)."""
+    import torch.nn as nn
+
+    return module if isinstance(module, nn.Conv2d) else module.conv
+
+
+def _keep(*layers: str) -> Callable[[Any], list]:
+    return lambda block: [_conv_of(getattr(block, n)) for n in layers]
+
+
+# x.split(self.expand_chs // 2): two halves of conv_exp's output
+register_adapter("timm.models.cspnet.CrossStage", ignore=_keep("conv_exp"),
+                 note="CSP split: conv_exp's output (split in halves) stays; the widths inside the blocks are pruned")
+register_adapter("timm.models.cspnet.CrossStage3", ignore=_keep("conv_exp"),
+                 note="CSP split: conv_exp's output (split in halves) stays; the widths inside the blocks are pruned")
+register_adapter("timm.models.res2net.Bottle2neck", ignore=_keep("conv1"),
+                 note="Res2Net scales: conv1's output (split in scales) stays")
+
+
+def _mixed_conv_splits(module) -> None:
+    module.splits = [c.in_channels for c in module.values()]
+
+
+@contextlib.contextmanager
+def _mixed_conv_tracing() -> Iterator[None]:
+    import itertools
+
+    import torch
+    from timm.layers import mixed_conv2d
+
+    def forward(self, x):  # timm's MixedConv2d.forward with slices, whose channels torch-pruning maps
+        ends = list(itertools.accumulate(self.splits))
+        parts = [x[:, e - n:e] for e, n in zip(ends, self.splits, strict=True)]
+        return torch.cat([c(p) for c, p in zip(self.values(), parts, strict=True)], 1)
+
+    with _forward_of(mixed_conv2d.MixedConv2d, forward):
+        yield
+
+
+register_adapter("timm.layers.mixed_conv2d.MixedConv2d", after=_mixed_conv_splits, tracing=_mixed_conv_tracing,
+                 note="MixConv: each kernel group's input size is read back from its convolution")
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention whose reshapes torch-pruning 1.6 does not map (head count and head width read from attributes,
+# q/k/v split with fixed sizes, token mixers that reshape channels into heads): the attention's own layers
+# keep their widths, which also keeps the residual stream they write to; the MLPs and convolutions around
+# them are pruned.
+
+
+def _own_layers(module) -> list:
+    import torch.nn as nn
+
+    return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d))]
+
+
+for _attention in ("timm.layers.attention.Attention", "timm.models.crossvit.CrossAttention",
+                   "timm.models.swin_transformer.WindowAttention", "timm.models.coat.FactorAttnConvRelPosEnc",
+                   "timm.models.efficientformer.Attention", "timm.models.edgenext.CrossCovarianceAttn",
+                   "timm.models.levit.Attention", "timm.models.levit.AttentionDownsample",
+                   "timm.models.tiny_vit.Attention", "timm.models.efficientvit_mit.LiteMLA",
+                   "timm.models.mobilevit.LinearSelfAttention"):
+    register_adapter(_attention, ignore=_own_layers,
+                     note="attention: its layers (and the residual stream) keep their widths; MLPs are pruned")
+
+
+# --------------------------------------------------------------------------------------------------
+# Refused at once: patterns whose dependency graph takes minutes or many GiB in torch-pruning 1.6, or fails
+# after a long trace. The reason is the whole message; --method depth remains where blocks are residual.
+
+_WINDOWS = "torch-pruning 1.6's dependency graph exhausts memory or fails on window partitions ({}); not supported yet"
+for _cls, _why in {
+    "torchvision.models.swin_transformer.SwinTransformerBlock": _WINDOWS.format("Swin"),
+    "torchvision.models.swin_transformer.SwinTransformerBlockV2": _WINDOWS.format("Swin V2"),
+    "torchvision.models.maxvit.PartitionAttentionLayer": _WINDOWS.format("MaxViT block and grid partitions"),
+    "timm.models.rexnet.LinearBottleneck": "torch-pruning 1.6's dependency graph takes over 10 minutes on "
+                                           "partial-channel residual additions (ReXNet); not supported yet",
+    "timm.layers.halo_attn.HaloAttn": "torch-pruning 1.6's dependency graph exhausts memory on blocked "
+                                      "self-attention reshapes (HaloNet); not supported yet",
+    "timm.layers.bottleneck_attn.BottleneckAttn": "torch-pruning 1.6's dependency graph exhausts memory on "
+                                                  "self-attention reshapes (BoTNet); not supported yet",
+    "timm.models.efficientvit_msra.CascadedGroupAttention": "torch-pruning 1.6's dependency graph exhausts memory "
+                                                            "on cascaded group attention; not supported yet",
+    "timm.layers.lambda_layer.LambdaLayer": "torch-pruning 1.6 divides by zero in its dependency graph on lambda "
+                                            "layers, after a minute of tracing; not supported yet",
+}.items():
+    register_adapter(_cls, refuse=_why)
