@@ -94,11 +94,13 @@ def tracing(model) -> Iterator[None]:
 
 
 def dependency_graph(model, example):
-    """torch-pruning's ``DependencyGraph`` of ``model`` traced with the adapters' tracing contexts."""
+    """torch-pruning's ``DependencyGraph`` of ``model`` traced with the adapters' tracing contexts (and their
+    pruners for layers torch-pruning would prune incompletely)."""
     import torch_pruning as tp
 
+    pruners = pruner_kwargs(model).get("customized_pruners")
     with tracing(model):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=pruners)
 
 
 def after_pruning(model) -> None:
@@ -302,3 +304,62 @@ for _cls, _why in {
                                             "layers, after a minute of tracing; not supported yet",
 }.items():
     register_adapter(_cls, refuse=_why)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters and attributes beside a layer's weights: pruned with them (a pruner for the layer type,
+# a subclass of torch-pruning's own), or brought in line afterwards.
+
+
+def _pruner(kind: str):
+    """A torch-pruning pruner for ``kind`` ("std_conv": ScaledStdConv2d's gain pruned with its output
+    channels; "no_bias_group_norm": a GroupNorm whose bias is None)."""
+    import torch_pruning as tp
+
+    fn = tp.pruner.function
+
+    class StdConvPruner(fn.ConvPruner):
+        def prune_out_channels(self, layer, idxs):
+            keep = sorted(set(range(layer.out_channels)) - set(idxs))
+            layer.gain = self._prune_parameter_and_grad(layer.gain, keep, 0)
+            return super().prune_out_channels(layer, idxs)
+
+    class NoBiasGroupNormPruner(fn.GroupNormPruner):
+        def prune_out_channels(self, layer, idxs):
+            keep = sorted(set(range(layer.num_channels)) - set(idxs))
+            layer.num_channels -= len(idxs)
+            if layer.weight is not None:
+                layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+            if layer.bias is not None:
+                layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+    return {"std_conv": StdConvPruner, "no_bias_group_norm": NoBiasGroupNormPruner}[kind]()
+
+
+_PRUNERS: dict[str, Any] = {}  # one pruner object per kind: torch-pruning compares their bound methods
+
+
+def _custom_pruner(kind: str) -> Callable[[Any], dict[str, dict]]:
+    def kwargs(module) -> dict[str, dict]:
+        if kind not in _PRUNERS:
+            _PRUNERS[kind] = _pruner(kind)
+        return {"customized_pruners": {type(module): _PRUNERS[kind]}}
+
+    return kwargs
+
+
+register_adapter("timm.layers.std_conv.ScaledStdConv2d", pruner_kwargs=_custom_pruner("std_conv"),
+                 note="ScaledStdConv2d: its gain is pruned with its output channels")
+register_adapter("timm.models.metaformer.GroupNorm1NoBias", pruner_kwargs=_custom_pruner("no_bias_group_norm"),
+                 note="a GroupNorm without bias")
+
+
+def _scale_shape(module) -> None:
+    module.shape = (module.scale.numel(), *module.shape[1:])
+
+
+register_adapter("timm.models.metaformer.Scale", after=_scale_shape,
+                 note="layer scale: the shape it views its scale with follows the pruned scale")
