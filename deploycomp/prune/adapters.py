@@ -223,6 +223,10 @@ def _conv_of(module):
     return module if isinstance(module, nn.Conv2d) else module.conv
 
 
+def _layers(*names: str) -> Callable[[Any], list]:
+    return lambda block: [getattr(block, n) for n in names]
+
+
 def _keep(*layers: str) -> Callable[[Any], list]:
     return lambda block: [_conv_of(getattr(block, n)) for n in layers]
 
@@ -283,15 +287,79 @@ for _attention in ("timm.layers.attention.Attention", "timm.models.crossvit.Cros
                      note="attention: its layers (and the residual stream) keep their widths; MLPs are pruned")
 
 
+def _as_one_op(fn: Callable) -> Callable:
+    """``fn`` as one autograd node, which torch-pruning traces as an element-wise op (channel i in, channel i
+    out). For tracing only: it has no backward. Used where the channels that cross ``fn`` are kept by
+    ``ignore``, or where ``fn`` only moves the channel axis without reordering channels."""
+    import torch
+
+    class OneOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, *args):
+            return fn(x, *args).clone()
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError("an op that stands in for others while torch-pruning traces is never differentiated")
+
+    return OneOp.apply
+
+
+@contextlib.contextmanager
+def _window_attention_tracing() -> Iterator[None]:
+    from torchvision.models import swin_transformer
+
+    # Between qkv and proj, torchvision partitions windows, attends and reverses the partition with F.linear
+    # on the layers' weights, which torch-pruning cannot follow (and whose reshapes exhaust its memory): traced
+    # as one op from qkv's output to proj's input. Only shapes matter for tracing; the model runs the real thing.
+    windows = _as_one_op(lambda qkv, width: qkv[..., :width])
+
+    def forward(self, x):
+        return self.proj(windows(self.qkv(x), self.proj.in_features))
+
+    with contextlib.ExitStack() as stack:
+        for cls in (swin_transformer.ShiftedWindowAttention, swin_transformer.ShiftedWindowAttentionV2):
+            stack.enter_context(_forward_of(cls, forward))
+        yield
+
+
+@contextlib.contextmanager
+def _maxvit_tracing() -> Iterator[None]:
+    from torchvision.models import maxvit
+
+    # Block and grid partitions move the channel axis last without reordering channels: one op each. The
+    # attention between to_qkv and merge is one op too (both keep their widths).
+    part, depart = maxvit.WindowPartition.forward, maxvit.WindowDepartition.forward  # the originals
+    partition = _as_one_op(lambda x, module, *sizes: part(module, x, *sizes))
+    departition = _as_one_op(lambda x, module, *sizes: depart(module, x, *sizes))
+    attend = _as_one_op(lambda qkv, width: qkv[..., :width])
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_forward_of(maxvit.WindowPartition, lambda self, x, p: partition(x, self, p)))
+        stack.enter_context(_forward_of(maxvit.WindowDepartition,
+                                        lambda self, x, p, hp, wp: departition(x, self, p, hp, wp)))
+        stack.enter_context(_forward_of(maxvit.RelativePositionalMultiHeadAttention,
+                                        lambda self, x: self.merge(attend(self.to_qkv(x), self.merge.in_features))))
+        yield
+
+
+register_adapter("torchvision.models.maxvit.RelativePositionalMultiHeadAttention", ignore=_layers("to_qkv", "merge"),
+                 tracing=_maxvit_tracing,
+                 note="MaxViT: partitions and attention traced as single ops; to_qkv and merge (and the residual "
+                      "stream) keep their widths; MBConv and MLP widths are pruned")
+
+
+for _cls in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"):
+    register_adapter(f"torchvision.models.swin_transformer.{_cls}", ignore=_layers("qkv", "proj"),
+                     tracing=_window_attention_tracing,
+                     note="window attention: qkv and proj (and the residual stream) keep their widths; MLPs are "
+                          "pruned")
+
+
 # --------------------------------------------------------------------------------------------------
 # Refused at once: patterns whose dependency graph takes minutes or many GiB in torch-pruning 1.6, or fails
 # after a long trace. The reason is the whole message; --method depth remains where blocks are residual.
 
-_WINDOWS = "torch-pruning 1.6's dependency graph exhausts memory or fails on window partitions ({}); not supported yet"
 for _cls, _why in {
-    "torchvision.models.swin_transformer.SwinTransformerBlock": _WINDOWS.format("Swin"),
-    "torchvision.models.swin_transformer.SwinTransformerBlockV2": _WINDOWS.format("Swin V2"),
-    "torchvision.models.maxvit.PartitionAttentionLayer": _WINDOWS.format("MaxViT block and grid partitions"),
     "timm.models.rexnet.LinearBottleneck": "torch-pruning 1.6's dependency graph takes over 10 minutes on "
                                            "partial-channel residual additions (ReXNet); not supported yet",
     "timm.layers.halo_attn.HaloAttn": "torch-pruning 1.6's dependency graph exhausts memory on blocked "
@@ -363,3 +431,18 @@ def _scale_shape(module) -> None:
 
 register_adapter("timm.models.metaformer.Scale", after=_scale_shape,
                  note="layer scale: the shape it views its scale with follows the pruned scale")
+
+
+def _blur_any_width(module) -> None:
+    if module.channels is not None:  # one filter repeated per channel: the same filter for any width
+        module.filt = module.filt[:1]
+        module.channels = None
+
+
+register_adapter("timm.layers.blur_pool.BlurPool2d", after=_blur_any_width,
+                 note="anti-aliasing blur: the same fixed filter for however many channels remain")
+
+
+# g, i, c = torch.split(self.fc1(x), self.split_indices, dim=-1): fc1's output stays
+register_adapter("timm.models.mambaout.GatedConvBlock", ignore=_layers("fc1"),
+                 note="gated conv split: fc1's output (split in three) stays; the residual stream is pruned")
