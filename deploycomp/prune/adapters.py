@@ -83,8 +83,14 @@ def check_prunable(model, name: str) -> None:
 
 @contextlib.contextmanager
 def tracing(model) -> Iterator[None]:
-    """The adapters' tracing contexts for ``model``, each entered once, while a dependency graph is built."""
+    """The adapters' tracing contexts for ``model``, each entered once, while a dependency graph is built
+    (torch-pruning's warning about parameters outside layers silenced)."""
+    import warnings
+
     with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        # torch-pruning lists parameters outside layers (ViT's cls_token, Swin's bias tables) on every trace
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         seen: set[int] = set()
         for _, adapter in _matches(model):
             if adapter.tracing is not None and id(adapter) not in seen:
@@ -136,7 +142,7 @@ register_adapter("torchvision.models.vision_transformer.VisionTransformer", prun
 def _opaque_ops():
     import torch
 
-    class Split(torch.autograd.Function):
+    class Pieces(torch.autograd.Function):  # (a name without "split": torch-pruning reads the op from it)
         """x.split(size, dim=1), traced as one element-wise op."""
 
         @staticmethod
@@ -162,7 +168,7 @@ def _opaque_ops():
             k = ctx.groups
             return g.reshape(b, c // k, k, h, w).transpose(1, 2).reshape(b, c, h, w), None
 
-    return Split, Shuffle
+    return Pieces, Shuffle
 
 
 @contextlib.contextmanager
