@@ -70,21 +70,21 @@ def prune_channels(model, example_input, criterion, ratio: float, *, global_prun
     ignored = [model.get_submodule(n) for n in ignored_layers(model, ignore)]
     ignored += [m for m in adapters.ignored_modules(model) if all(m is not o for o in ignored)]
     with one_thread():
-        with _pruning_errors("building its dependency graph"), adapters.tracing(model):
+        with pruning_errors("building its dependency graph"), adapters.tracing(model):
             pruner = _tp_pruner_class()(
                 model, example_input, criterion, pruning_ratio=ratio, global_pruning=global_pruning,
                 ignored_layers=ignored, round_to=round_to if round_to > 1 else None,
                 **adapters.pruner_kwargs(model))
-        with _pruning_errors("pruning"):
+        with pruning_errors("pruning"):
             pruner.step()
             adapters.after_pruning(model)
-        with _pruning_errors("running the pruned model", broken=True), torch.no_grad():
+        with pruning_errors("running the pruned model", broken=True), torch.no_grad():
             model.eval()(example_input)
     return pruner.pruning_history()
 
 
 @contextmanager
-def _pruning_errors(during: str, broken: bool = False):
+def pruning_errors(during: str, broken: bool = False):
     """Turn an exception inside torch-pruning (or from the model it pruned) into one :class:`PruningError` line."""
     from deploycomp.errors import DeploycompError, ResourceError, environment_error, first_line
     from deploycomp.prune.adapters import PruningError

@@ -125,7 +125,7 @@ def analyse_channels(model, example, criterion, ignored: list[str], round_to: in
     import torch.nn as nn
 
     from deploycomp.prune import adapters
-    from deploycomp.prune.channels import one_thread
+    from deploycomp.prune.channels import one_thread, pruning_errors
 
     notes: list[str] = []
     modules = dict(model.named_modules())
@@ -136,7 +136,8 @@ def analyse_channels(model, example, criterion, ignored: list[str], round_to: in
     mixed: set[Any] = set()  # layers whose input concatenates several groups
     groups: list[ChannelGroup] = []
     with one_thread():
-        dg = adapters.dependency_graph(model, example)
+        with pruning_errors("building its dependency graph"):
+            dg = adapters.dependency_graph(model, example)
         for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored] + adapters.ignored_modules(model),
                                        root_module_types=(nn.Conv2d, nn.Linear)):
             root = group[0].dep.target.module
@@ -207,11 +208,12 @@ def prune_to_widths(model, example, widths: dict[str, int], rankings: dict[str, 
     that come first in its ``rankings`` entry; returns torch-pruning's history (for the checkpoint)."""
 
     from deploycomp.prune import adapters
-    from deploycomp.prune.channels import one_thread
+    from deploycomp.prune.channels import one_thread, pruning_errors
 
     modules = dict(model.named_modules())
     with one_thread():
-        dg = adapters.dependency_graph(model, example)
+        with pruning_errors("building its dependency graph"):
+            dg = adapters.dependency_graph(model, example)
         for root, w in widths.items():
             m = modules[root]
             pruner = dg.get_pruner_of_module(m)
