@@ -91,10 +91,10 @@ def tracing(model) -> Iterator[None]:
         stack.enter_context(warnings.catch_warnings())
         # torch-pruning lists parameters outside layers (ViT's cls_token, Swin's bias tables) on every trace
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        seen: set[int] = set()
+        seen: set = set()  # one entry per context, however many modules (or classes) share it
         for _, adapter in _matches(model):
-            if adapter.tracing is not None and id(adapter) not in seen:
-                seen.add(id(adapter))
+            if adapter.tracing is not None and adapter.tracing not in seen:
+                seen.add(adapter.tracing)
                 stack.enter_context(adapter.tracing())
         yield
 
@@ -139,52 +139,21 @@ register_adapter("torchvision.models.vision_transformer.VisionTransformer", prun
 # that mapping is never used).
 
 
-def _opaque_ops():
-    import torch
-
-    class Pieces(torch.autograd.Function):  # (a name without "split": torch-pruning reads the op from it)
-        """x.split(size, dim=1), traced as one element-wise op."""
-
-        @staticmethod
-        def forward(ctx, x, size):
-            return tuple(p.clone() for p in x.split(size, dim=1))
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return torch.cat(grads, dim=1), None
-
-    class Shuffle(torch.autograd.Function):
-        """Channel shuffle, traced as one element-wise op."""
-
-        @staticmethod
-        def forward(ctx, x, groups):
-            ctx.groups = groups
-            b, c, h, w = x.shape
-            return x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
-
-        @staticmethod
-        def backward(ctx, g):
-            b, c, h, w = g.shape
-            k = ctx.groups
-            return g.reshape(b, c // k, k, h, w).transpose(1, 2).reshape(b, c, h, w), None
-
-    return Pieces, Shuffle
-
-
 @contextlib.contextmanager
 def _shufflenet_tracing() -> Iterator[None]:
     import torch
     from torchvision.models import shufflenetv2
 
-    split, shuffle = _opaque_ops()
+    halves = _as_one_op(lambda x: x.chunk(2, dim=1))
+    shuffle = _as_one_op(shufflenetv2.channel_shuffle)
 
-    def forward(self, x):  # torchvision's InvertedResidual.forward with the two ops above
+    def forward(self, x):  # torchvision's InvertedResidual.forward with the split and the shuffle as one op each
         if self.stride == 1:
-            x1, x2 = split.apply(x, x.shape[1] // 2)
+            x1, x2 = halves(x)
             out = torch.cat((x1, self.branch2(x2)), dim=1)
         else:
             out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        return shuffle.apply(out, 2)
+        return shuffle(out, 2)
 
     with _forward_of(shufflenetv2.InvertedResidual, forward):
         yield
@@ -199,6 +168,25 @@ def _forward_of(cls, forward) -> Iterator[None]:
         yield
     finally:
         cls.forward = original
+
+
+def _as_one_op(fn: Callable) -> Callable:
+    """``fn`` as one autograd node, which torch-pruning traces as an element-wise op (channel i in, channel i
+    out). For tracing only: it has no backward. Used where the channels that cross ``fn`` are kept by
+    ``ignore``, or where ``fn`` only moves the channel axis without reordering channels."""
+    import torch
+
+    class OneOp(torch.autograd.Function):  # (torch-pruning reads an op's kind from its name: keep it neutral)
+        @staticmethod
+        def forward(ctx, x, *args):
+            out = fn(x, *args)
+            return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError("an op that stands in for others while torch-pruning traces is never differentiated")
+
+    return OneOp.apply
 
 
 def _shufflenet_outputs(block) -> list:
@@ -216,10 +204,10 @@ register_adapter("torchvision.models.shufflenetv2.InvertedResidual", ignore=_shu
 
 # --------------------------------------------------------------------------------------------------
 # Fixed channel splits: a forward pass splits a layer's output into parts whose sizes it keeps in an
-# attribute, which pruning does not update. Equal parts (CSP's halves, Res2Net's scales) are pruned
-# consistently: the same channels in every part (torch-pruning's channel groups), and the size attribute
-# follows the layer. Unequal parts (MixConv's kernel groups) keep their sizes: each is read from the layer
-# that consumes it after pruning.
+# attribute (CSP's halves, Res2Net's scales), which pruning does not update. The split layer keeps its
+# width, so the parts keep theirs; the widths inside the blocks that consume the parts are pruned.
+# (Pruning the same channels in every part, with torch-pruning's out_channel_groups and the size attribute
+# following the layer, was tried: torch-pruning 1.6 maps indices through the split wrongly, IndexError.)
 
 
 def _conv_of(module):
@@ -246,30 +234,6 @@ register_adapter("timm.models.res2net.Bottle2neck", ignore=_keep("conv1"),
                  note="Res2Net scales: conv1's output (split in scales) stays")
 
 
-def _mixed_conv_splits(module) -> None:
-    module.splits = [c.in_channels for c in module.values()]
-
-
-@contextlib.contextmanager
-def _mixed_conv_tracing() -> Iterator[None]:
-    import itertools
-
-    import torch
-    from timm.layers import mixed_conv2d
-
-    def forward(self, x):  # timm's MixedConv2d.forward with slices, whose channels torch-pruning maps
-        ends = list(itertools.accumulate(self.splits))
-        parts = [x[:, e - n:e] for e, n in zip(ends, self.splits, strict=True)]
-        return torch.cat([c(p) for c, p in zip(self.values(), parts, strict=True)], 1)
-
-    with _forward_of(mixed_conv2d.MixedConv2d, forward):
-        yield
-
-
-register_adapter("timm.layers.mixed_conv2d.MixedConv2d", after=_mixed_conv_splits, tracing=_mixed_conv_tracing,
-                 note="MixConv: each kernel group's input size is read back from its convolution")
-
-
 # --------------------------------------------------------------------------------------------------
 # Attention whose reshapes torch-pruning 1.6 does not map (head count and head width read from attributes,
 # q/k/v split with fixed sizes, token mixers that reshape channels into heads): the attention's own layers
@@ -291,24 +255,6 @@ for _attention in ("timm.layers.attention.Attention", "timm.models.crossvit.Cros
                    "timm.models.mobilevit.LinearSelfAttention"):
     register_adapter(_attention, ignore=_own_layers,
                      note="attention: its layers (and the residual stream) keep their widths; MLPs are pruned")
-
-
-def _as_one_op(fn: Callable) -> Callable:
-    """``fn`` as one autograd node, which torch-pruning traces as an element-wise op (channel i in, channel i
-    out). For tracing only: it has no backward. Used where the channels that cross ``fn`` are kept by
-    ``ignore``, or where ``fn`` only moves the channel axis without reordering channels."""
-    import torch
-
-    class OneOp(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, *args):
-            return fn(x, *args).clone()
-
-        @staticmethod
-        def backward(ctx, *grads):
-            raise RuntimeError("an op that stands in for others while torch-pruning traces is never differentiated")
-
-    return OneOp.apply
 
 
 @contextlib.contextmanager
