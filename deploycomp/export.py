@@ -519,8 +519,9 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
             except Exception as e:  # exporter failures are many and varied; name the model and the cause
                 if isinstance(environment_error(e), ResourceError):
                     raise  # out of memory: the CLI says so in one line
+                cause = first_line(e, 300).split(" Please feel free")[0].rstrip(". ")  # torch's plea to file an issue
                 raise UsageError(f"the {exp.name} exporter cannot export {ckpt.source or ckpt.arch} at opset {opset} "
-                                 f"and input {chw[1]}x{chw[2]}: {first_line(e, 300).split(' Please feel free')[0]}; "
+                                 f"and input {chw[1]}x{chw[2]}: {cause}; "
                                  f"{_export_hint(e, exp.name, chw)}") from None
         record["simplify"] = simplify_onnx(tmp) if simplify else {"simplified": False}
         try:
