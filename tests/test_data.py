@@ -11,7 +11,7 @@ from tests.conftest import needs_fmnist
 
 
 def test_registry():
-    assert list_datasets() == ["cifar10", "fashion-mnist", "imagefolder", "synthetic"]
+    assert list_datasets() == ["cifar10", "fashion-mnist", "fashion-scenes", "imagefolder", "synthetic", "voc"]
 
 
 @needs_fmnist
