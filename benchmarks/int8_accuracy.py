@@ -1,16 +1,17 @@
 """INT8 that keeps its accuracy: FP32, full post-training INT8 and INT8 with --max-drop, per model
 -> benchmarks/results/int8_accuracy.md (+ .json).
 
-Models: the shipped baseline (light_resnet18, Fashion-MNIST, 28 px) and torchvision mobilenet_v3_small
-trained briefly on Fashion-MNIST at 32 px on the CPU (depthwise convolutions, hard-swish, squeeze-excite:
-the kind of edge model whose full INT8 loses points). Each is exported once (`deploycomp export`), then
+Models (``--models``): the shipped baseline (light_resnet18, Fashion-MNIST, 28 px); ``edge``, a small
+MobileNetV3-style CNN (benchmarks/edge_net.py: depthwise convolutions, hard-swish, squeeze-excite) and
+``mobilenet``, torchvision mobilenet_v3_small at 32 px, each trained briefly on Fashion-MNIST on the CPU
+(the kind of edge model whose full INT8 loses points). Each is exported once (`deploycomp export`), then
 quantized for ort-cpu twice through the CLI: full INT8 (`quantize -p int8`) and
 `quantize -p int8 --max-drop D` (which ranks the layers on a validation subset of the training split,
 keeps the most sensitive in float, reports the test split, and times FP32, full INT8 and the guarded model
 together on ONNX Runtime CPU, batch 1, 1 thread, paired, 2 sessions). Top-1 is on all 10,000 test images.
 
 Usage: python benchmarks/int8_accuracy.py [--workdir /tmp/deploycomp-int8acc] [--max-drop 0.5]
-       [--mobilenet CKPT] [--train-samples 15000] [--epochs 3]
+       [--models baseline,edge,mobilenet] [--train-samples 15000] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -40,19 +41,36 @@ def deploycomp(*args: str, json_out: bool = True) -> dict:
     return json.loads(proc.stdout) if json_out else {}
 
 
-def train_mobilenet(out: Path, train_samples: int, epochs: int) -> list[str]:
-    args = ["train", "--model", "mobilenet_v3_small", "--data", "fashion-mnist", "--input-size", "32",
-            "--epochs", str(epochs), "--train-samples", str(train_samples), "--val-samples", "2000",
-            "--optimizer", "adam", "--lr", "2e-3", "-o", str(out)]
+EDGE_NET = str(ROOT / "benchmarks" / "edge_net.py") + ":build"
+TRAIN = {  # model key -> deploycomp train arguments (without -o)
+    "mobilenet": ["--model", "mobilenet_v3_small", "--data", "fashion-mnist", "--input-size", "32",
+                  "--optimizer", "adam", "--lr", "2e-3"],
+    "edge": ["--model", EDGE_NET, "--data", "fashion-mnist", "--optimizer", "adam", "--lr", "3e-3"],
+}
+NAMES = {"baseline": "light_resnet18 (shipped baseline)", "mobilenet": "mobilenet_v3_small (32 px)",
+         "edge": "edge_net (benchmarks/edge_net.py: depthwise, hard-swish, SE)"}
+
+
+def train(key: str, out: Path, train_samples: int, epochs: int) -> list[str]:
+    args = ["train", *TRAIN[key], "--epochs", str(epochs), "--train-samples", str(train_samples),
+            "--val-samples", "2000", "-o", str(out)]
     if not out.exists():
         deploycomp(*args, json_out=False)
     return args
 
 
+def quantize(onnx: Path, out: Path, *args: str) -> dict:
+    """``deploycomp quantize`` unless ``out`` and its sidecar exist already (a re-run continues)."""
+    side = Path(f"{out}.json")
+    if out.exists() and side.exists():
+        return json.loads(side.read_text())
+    return deploycomp("quantize", str(onnx), "-p", "int8", *args, "-o", str(out))
+
+
 def run_model(name: str, onnx: Path, max_drop: float) -> dict:
-    full = deploycomp("quantize", str(onnx), "-p", "int8", "-o", str(onnx.with_suffix(".int8.onnx")))
-    guarded = deploycomp("quantize", str(onnx), "-p", "int8", "--max-drop", str(max_drop), "--sensitivity",
-                         "-o", str(onnx.with_suffix(f".int8-maxdrop{max_drop:g}.onnx")))
+    full = quantize(onnx, onnx.with_suffix(".int8.onnx"))
+    guarded = quantize(onnx, onnx.with_suffix(f".int8-maxdrop{max_drop:g}.onnx"), "--max-drop", str(max_drop),
+                       "--sensitivity")
     return {"model": name, "full": full, "guarded": guarded}
 
 
@@ -92,7 +110,8 @@ def markdown(rows: list[dict], max_drop: float, commands: list[str], minutes: fl
             f"{floats} | {_ci(sp['guarded']) if 'guarded' in sp else '= full INT8'} | "
             f"{'-' if share is None else f'{100 * share:.0f} %'} | "
             f"{g['evaluations']} (bound {g['evaluation_bound']}) |")
-    lines += ["", "Drops are FP32 minus INT8 in points (positive: INT8 lost). Per-layer sensitivity (points won "
+    lines += ["", "Share of INT8 speed-up = (guarded speed-up - 1) / (full INT8 speed-up - 1), from the same paired "
+              "run. Drops are FP32 minus INT8 in points (positive: INT8 lost). Per-layer sensitivity (points won "
               "back with only that layer in float) is in the `.sensitivity.md` files beside each model in the "
               "workdir and in int8_accuracy.json.", "",
               f"Goals: drop with --max-drop {GOAL_MAX_DROP:g} at most {GOAL_MAX_DROP:g} points; the guarded model "
@@ -106,7 +125,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/deploycomp-int8acc")
     ap.add_argument("--max-drop", type=float, default=GOAL_MAX_DROP)
-    ap.add_argument("--mobilenet", default=None, help="a trained mobilenet_v3_small checkpoint (default: train one)")
+    ap.add_argument("--models", default="baseline,edge", help="of baseline, edge, mobilenet (trained into the "
+                    "workdir when WORKDIR/KEY_fmnist.pt is missing)")
     ap.add_argument("--train-samples", type=int, default=15000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_accuracy.md"))
@@ -114,19 +134,20 @@ def main() -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.time(), os.getloadavg()[0]
-    ckpt = Path(a.mobilenet) if a.mobilenet else work / "mobilenet_v3_small_fmnist.pt"
-    train_args = train_mobilenet(ckpt, a.train_samples, a.epochs)
-    commands = ["deploycomp " + " ".join(train_args)]
-    models = {"light_resnet18 (shipped baseline)": ([], work / "baseline.onnx"),
-              "mobilenet_v3_small (32 px)": (["--model", str(ckpt)], work / "mobilenet_v3_small.onnx")}
-    rows = []
-    for name, (args, onnx) in models.items():
+    commands, rows = [], []
+    for key in a.models.split(","):
+        args: list[str] = []
+        if key != "baseline":
+            ckpt = work / f"{key}_fmnist.pt"
+            commands.append("deploycomp " + " ".join(train(key, ckpt, a.train_samples, a.epochs)))
+            args = ["--model", str(ckpt)] + (["--arch", EDGE_NET] if key == "edge" else [])
+        onnx = work / f"{key}.onnx"
         if not onnx.exists():
             deploycomp("export", *args, "-o", str(onnx), json_out=False)
-        commands += [f"deploycomp export {' '.join(args)} -o {onnx.name}".replace("  ", " "),
+        commands += [" ".join(["deploycomp export", *args, "-o", onnx.name]),
                      f"deploycomp quantize {onnx.name} -p int8",
                      f"deploycomp quantize {onnx.name} -p int8 --max-drop {a.max_drop:g} --sensitivity"]
-        rows.append(run_model(name, onnx, a.max_drop))
+        rows.append(run_model(NAMES[key], onnx, a.max_drop))
     minutes = (time.time() - t0) / 60
     out = Path(a.out)
     out.write_text(markdown(rows, a.max_drop, commands, minutes, (load0, os.getloadavg()[0])))
