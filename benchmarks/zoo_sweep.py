@@ -9,6 +9,8 @@ cap and a time limit, so one model that blows up does not take the machine (or t
     python benchmarks/zoo_sweep.py --mem-gib 16 --out benchmarks/results/zoo_sweep.md  # torchvision, all
     python benchmarks/zoo_sweep.py --models resnet18,alexnet --out /tmp/zoo.md        # a few
     python benchmarks/zoo_sweep.py --no-torchvision --timm sample --mem-gib 6 --out benchmarks/results/zoo_sweep_timm.md
+    python benchmarks/zoo_sweep.py --models shufflenet_v2_x0_5 --update --out benchmarks/results/zoo_sweep.md
+        # re-measure the models named and replace their rows; the other rows stay as recorded
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def table(rows: list[dict], args) -> str:
         f"- {env['os']}, Python {env['python']}, torch {env['torch']}, torchvision {env['torchvision']}, "
         f"torch-pruning {_version('torch-pruning')}, onnxruntime {_version('onnxruntime-gpu', 'onnxruntime')}, "
         f"timm {_version('timm')}, deploycomp {env['deploycomp']}",
-        f"- measured {env['time_utc']}",
+        f"- measured {env['time_utc']}" + (f" (the rows of {', '.join(args.updated)}; the other rows are kept "
+                                          "from the previous record, measured earlier)" if args.update else ""),
         "",
     ]
     return "\n".join(lines)
@@ -161,6 +164,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per model")
     ap.add_argument("--mem-gib", type=float, default=12, help="address-space cap per model (GiB)")
     ap.add_argument("--loaded", action="store_true", help="say in the table that the machine was shared")
+    ap.add_argument("--update", action="store_true", help="replace the named models' rows in --out's JSON record "
+                    "and keep the other rows as recorded")
     ap.add_argument("--out", default="benchmarks/results/zoo_sweep.md")
     args = ap.parse_args()
     if args.one:
@@ -176,6 +181,11 @@ def main() -> None:
     timm_names = TIMM_SAMPLE if args.timm == "sample" else [n for n in args.timm.split(",") if n]
     refs += [f"timm:{n}" for n in timm_names]
     rows = sweep(refs, args.timeout, args.mem_gib)
+    if args.update:
+        new = {r["model"]: r for r in rows}
+        old = json.loads(Path(args.out).with_suffix(".json").read_text())
+        rows = [new.pop(r["model"], r) for r in old] + list(new.values())
+        args.updated = [r for r in refs]
     text = table(rows, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -44,6 +44,46 @@ def result(message: str) -> None:
     print(message, flush=True)
 
 
+@contextmanager
+def captured_output() -> Iterator[None]:
+    """Capture everything written to stdout and stderr inside the block, by Python or by C++ code writing to
+    file descriptors 1 and 2 (the TorchScript exporter dumps its whole graph there on an error). Nothing is
+    printed unless -v, which prints it after the block."""
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    text = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as native:
+        saved: list[int] = []
+        try:
+            for fd in (1, 2):
+                saved.append(os.dup(fd))
+        except OSError:  # no such descriptor (a daemon): nothing native to capture
+            for fd in saved:
+                os.close(fd)
+            saved = []
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        if saved:
+            for fd in (1, 2):
+                os.dup2(native.fileno(), fd)
+        try:
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, old in zip((1, 2), saved, strict=False):
+                os.dup2(old, fd)
+                os.close(old)
+            native.seek(0)
+            captured = text.getvalue() + native.read().decode(errors="replace")
+            if captured.strip():
+                debug(captured.rstrip())
+
+
 def wrapped(text: str, indent: str = "  ") -> str:
     """``text`` wrapped to the terminal's width (``COLUMNS`` where set, else 80 off a terminal)."""
     import shutil

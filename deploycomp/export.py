@@ -517,14 +517,17 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
         tmp = Path(work) / output.name
         with console.status_line(f"exporting {ckpt.source or ckpt.arch} to ONNX (opset {opset}, {exp.name})"):
             try:
-                exp.fn(model, example, tmp, opset, dynamic_batch)
+                with console.captured_output():  # graph dumps and exporter chatter: only -v shows them
+                    exp.fn(model, example, tmp, opset, dynamic_batch)
             except OSError as e:  # the disk, not the exporter
                 raise cannot_write(output, e) from None
             except Exception as e:  # exporter failures are many and varied; name the model and the cause
                 if isinstance(environment_error(e), ResourceError):
                     raise  # out of memory: the CLI says so in one line
-                raise UsageError(f"the {exp.name} exporter cannot export {ckpt.arch} at opset {opset}: "
-                                 f"{first_line(e)}") from None
+                cause = first_line(e, 300).split(" Please feel free")[0].rstrip(". ")  # torch's plea to file an issue
+                raise UsageError(f"the {exp.name} exporter cannot export {ckpt.source or ckpt.arch} at opset {opset} "
+                                 f"and input {chw[1]}x{chw[2]}: {cause}; "
+                                 f"{_export_hint(e, exp.name, chw)}") from None
         record["simplify"] = simplify_onnx(tmp) if simplify else {"simplified": False}
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
@@ -557,6 +560,15 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
     record["size_mib"] = output.stat().st_size / 2**20
     write_sidecar(output, record)
     return record
+
+
+def _export_hint(e: BaseException, exporter: str, chw: tuple[int, ...]) -> str:
+    """The nearest workaround for an exporter failure."""
+    other = "--exporter dynamo (pip install onnxscript)" if exporter != "dynamo" else "--exporter torchscript"
+    if "adaptive" in str(e) and "factor" in str(e):
+        return (f"ONNX pools adaptively only when the output size divides the feature map: use a larger --input-size "
+                f"(the model's native one, e.g. 224, where {chw[1]}x{chw[2]} is too small), or {other}")
+    return f"try {other}, another --opset, or -v for the exporter's own output"
 
 
 def _keep_failed(tmp: Path, output: Path, reason: str, record: dict[str, Any]) -> None:

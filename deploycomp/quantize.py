@@ -243,6 +243,8 @@ class QuantizeOptions:
     seed: int = 0
     quantize_all_layers: bool = False  # True: no layer stays in float, whatever the target keeps
     target: str = DEFAULT_INT8_TARGET  # a name in INT8_TARGETS
+    extra_float_nodes: tuple[str, ...] = ()  # nodes kept in float on top of the target's (--max-drop's choice)
+    ranges_cache: Path | None = None  # activation ranges: read when the file exists, else calibrated and saved there
 
 
 @register_precision("fp16", needs_data=False, description="FP16 weights and compute, FP32 inputs/outputs")
@@ -287,15 +289,19 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
     method = CALIBRATION_METHODS.get(opts.calib_method)
     batch = opts.model_batch or opts.calib_batch
     samples = max(batch, opts.calib_samples // batch * batch)  # whole batches of the size the model takes
-    batches = [x.numpy() for x, _ in calibration_batches(opts.dataset, samples, batch, seed=opts.seed)]
-    console.info(f"calibrating INT8 for {target.name} ({opts.calib_method}) on {samples} images in "
-                 f"{len(batches)} batches")
+    if opts.ranges_cache is not None and opts.ranges_cache.is_file():
+        batches = []  # calibrated before: the saved ranges are used
+    else:
+        batches = [x.numpy() for x, _ in calibration_batches(opts.dataset, samples, batch, seed=opts.seed)]
+        console.info(f"calibrating INT8 for {target.name} ({opts.calib_method}) on {samples} images in "
+                     f"{len(batches)} batches")
     reduce_range = target.reduce_range()
     activation_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[target.activations]
     with tempfile.TemporaryDirectory() as work:
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         float_nodes = [] if opts.quantize_all_layers else target.float_layers(onnx.load(str(pre)))
+        float_nodes += [n for n in opts.extra_float_nodes if n not in float_nodes]
         extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
                  "QuantizeBias": target.quantize_bias,
                  "OpTypesToExcludeOutputQuantization": list(target.float_outputs)}
@@ -305,11 +311,14 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
         reader, cache = _CalibrationReader(batches, opts.input_name), None
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
             warnings.simplefilter("ignore")
-            if method != "MinMax":
+            if opts.ranges_cache is not None and opts.ranges_cache.is_file():
+                cache, reader = opts.ranges_cache, None  # the ranges of an earlier calibration (--max-drop)
+            elif method != "MinMax" or opts.ranges_cache is not None:
                 # quantize_static does not pass histogram sizes on, and with its default 128 bins the entropy
                 # search has a single candidate (the min/max range): collect the ranges here with TensorRT's
-                # classic 2048 histogram bins and hand them over as a calibration cache.
-                cache = Path(work) / "ranges.json"
+                # classic 2048 histogram bins and hand them over as a calibration cache. (MinMax goes this way
+                # too when the ranges are kept for more quantizations of the same model.)
+                cache = opts.ranges_cache or Path(work) / "ranges.json"
                 _histogram_ranges(pre, Path(work), method, reader, cache, target.activation_symmetric)
                 reader = None
             quantize_static(str(pre), str(dst), reader, quant_format=getattr(QuantFormat, target.quant_format),
@@ -395,7 +404,9 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
                   data: str | None = None, data_dir: str | os.PathLike | None = None,
                   calib_samples: int | None = None, calib_batch: int | None = None, calib_method: str | None = None,
                   eval_samples: int | None = None, evaluate: bool = True, seed: int = 0,
-                  quantize_all_layers: bool = False, target: str | None = None) -> dict[str, Any]:
+                  quantize_all_layers: bool = False, target: str | None = None, max_drop: float | None = None,
+                  sensitivity: bool = False, rank_samples: int | None = None,
+                  bench: bool = True) -> dict[str, Any]:
     """Convert an FP32 ONNX model to ``precision`` (``fp16`` or ``int8``) and measure what it costs.
 
     ``target`` (INT8 only) names the runtime the graph is shaped for, a name in :data:`INT8_TARGETS`;
@@ -403,6 +414,11 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     ``tensorrt``. The dataset is ``data`` or the one named in the ONNX sidecar (written by ``deploycomp export``).
     INT8 needs it for calibration; for both precisions it gives the top-1 of the converted model against
     the FP32 one (ONNX Runtime CPU, ``eval_samples`` test images, default all). Returns the sidecar record.
+
+    INT8 only (see :mod:`deploycomp.sensitivity`): ``max_drop`` (points) keeps the most sensitive weighted
+    layers in float until the drop on a validation subset of the training split (``rank_samples`` images)
+    is within it, and with ``bench`` times the result against full INT8 and FP32 on ort-cpu;
+    ``sensitivity`` writes the per-layer report beside the output (``.sensitivity.md/.json/.png``).
     """
     import onnx
 
@@ -433,6 +449,16 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     if spec.needs_data and not name:
         raise UsageError(f"INT8 calibration needs data: {src} has no sidecar naming its dataset; pass --data NAME "
                          "(and --data-dir DIR), e.g. --data fashion-mnist")
+    guard = max_drop is not None or sensitivity
+    if guard:
+        from deploycomp.sensitivity import DEFAULT_RANK_SAMPLES, check_max_drop
+
+        check_max_drop(max_drop)
+        what = "--max-drop" if max_drop is not None else "--sensitivity"
+        check(precision == "int8", f"{what} applies to --precision int8 only, not {precision}")
+        check(evaluate, f"{what} measures accuracy on labelled data; drop --no-eval")
+        rank_samples = rank_samples or DEFAULT_RANK_SAMPLES
+        check(rank_samples > 0, f"--rank-samples must be positive, got {rank_samples}")
     test = task = None
     if name:
         from deploycomp.data import load_dataset
@@ -441,6 +467,10 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
         hw = hw if all(isinstance(d, int) for d in hw) and len(hw) == 2 else None
         if spec.needs_data:
             opts.dataset, info = load_dataset(name, "train", data_dir, input_size=hw)
+            if guard and info.synthetic:
+                raise UsageError(f"{'--max-drop' if max_drop is not None else '--sensitivity'} needs labelled "
+                                 f"data to measure accuracy on, and {name} is synthetic (random labels); pass "
+                                 "--data NAME with a real dataset, e.g. --data fashion-mnist")
             _check_channels(info, io, name)
             if info.synthetic:
                 console.warn(f"calibrating on synthetic data ({name}): the INT8 scales and accuracy mean nothing")
@@ -450,20 +480,85 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
             test, info = load_dataset(name, "test", data_dir, input_size=hw)
             _check_channels(info, io, name)
             task = task_for_data(info)
+            check(not guard or task.name == "classification",
+                  f"--max-drop and --sensitivity rank layers by top-1 and support classification only so far; {name} "
+                  f"is a {task.name} dataset (quantize it without them: its {task.label} change is reported)")
 
-    with atomic_path(out) as tmp:
-        with console.status_line(f"converting {src} to {precision}"):
-            details = spec.convert(src, tmp, opts)
-        onnx.checker.check_model(str(tmp))
-        record = _record(src, out, side, precision, details, io)
-        record["parity_vs_fp32"] = _random_parity(src, tmp, io)
-        if test is not None:
-            record["accuracy"] = _accuracy(src, tmp, test, eval_samples, name, seed, task)
+    with contextlib.ExitStack() as stack:
+        found_guard = None
+        if guard:
+            found_guard = _guard(src, opts, Path(stack.enter_context(tempfile.TemporaryDirectory())), max_drop,
+                                 sensitivity, rank_samples)
+        with atomic_path(out) as tmp:
+            with console.status_line(f"converting {src} to {precision}"):
+                details = spec.convert(src, tmp, opts)
+            onnx.checker.check_model(str(tmp))
+            record = _record(src, out, side, precision, details, io)
+            record["parity_vs_fp32"] = _random_parity(src, tmp, io)
+            if test is not None:
+                record["accuracy"] = _accuracy(src, tmp, test, eval_samples, name, seed, task)
+        if found_guard is not None:
+            record["quantization"]["guard"] = _finish_guard(found_guard, src, out, record, max_drop, bench)
     record["onnx_sha256"] = sha256(out)
     record["size_mib"] = out.stat().st_size / 2**20
     record["source_size_mib"] = src.stat().st_size / 2**20
     write_sidecar(out, record)
     return record
+
+
+def _guard(src: Path, opts: QuantizeOptions, work: Path, max_drop: float | None, sensitivity: bool,
+           rank_samples: int) -> dict[str, Any]:
+    """Rank the layers on a validation subset (and choose the float ones for ``max_drop``); sets ``opts``."""
+    from deploycomp import sensitivity as sens
+
+    batch = opts.model_batch or opts.calib_batch
+    opts.ranges_cache = work / "ranges.json"  # one calibration for every variant and for the output
+    val = sens.validation_subset(opts.dataset, max(opts.calib_samples, batch), rank_samples, seed=opts.seed)
+    with console.status_line(f"FP32 {sens.METRIC_KEY} on {len(val)} validation images"), sens._quietly():
+        fp32 = evaluate_onnx(src, val)[sens.METRIC_KEY]
+    found = sens.search(src, opts, val, work, fp32, max_drop, sensitivity)
+    opts.extra_float_nodes = tuple(r["layer"] for r in found.get("float_layers", []))
+    return found
+
+
+def _finish_guard(found: dict[str, Any], src: Path, out: Path, record: dict[str, Any], max_drop: float | None,
+                  bench: bool) -> dict[str, Any]:
+    """The guard's sidecar entry: the float layers' speed on ort-cpu and the sensitivity files."""
+    from deploycomp import sensitivity as sens
+
+    variants = found.pop("_variants", None)
+    acc = record.get("accuracy")
+    if max_drop is not None and acc is not None:
+        found["test_drop_points"] = acc["top1_drop_points"]
+        if acc["top1_drop_points"] > max_drop:
+            console.warn(f"--max-drop {max_drop:g} was met on the validation subset "
+                         f"({found['validation_drop_points']:.2f} points) but the test split drops "
+                         f"{acc['top1_drop_points']:.2f}: the subset is small or unlike the test split; "
+                         "raise --rank-samples or lower --max-drop")
+    if max_drop is not None and variants is not None:
+        chosen = [r["layer"] for r in found["float_layers"]]
+        if not bench:
+            found["speed"] = None
+        elif record["quantization"]["target"] != "ort-cpu":
+            found["speed"] = None
+            console.info(f"speed not measured: a {record['quantization']['target']} graph is timed on its own "
+                         f"runtime (`deploycomp bench {out}` on that machine)")
+        else:
+            found["speed"] = sens.speed(src, variants, chosen)
+    if found.get("sensitivity"):
+        from deploycomp.files import write_json
+
+        base = out.with_suffix("")
+        files = {"json": Path(f"{base}.sensitivity.json"), "md": Path(f"{base}.sensitivity.md"),
+                 "png": Path(f"{base}.sensitivity.png")}
+        doc = {k: v for k, v in found.items() if k != "speed"}
+        write_json(files["json"], doc)
+        with atomic_path(files["md"]) as tmp:
+            tmp.write_text(sens.markdown(found, src.name))
+        with atomic_path(files["png"]) as tmp:
+            sens.plot(found, tmp, src.name)
+        found["sensitivity_files"] = {k: str(v) for k, v in files.items()}
+    return found
 
 
 def _check_channels(info, io, name) -> None:
@@ -529,4 +624,10 @@ def summary_line(record: dict[str, Any]) -> str:
                      f"{a[m]:.2f}% vs FP32 {a[f'fp32_{m}']:.2f}% "
                      f"({0.0 - a[m.removesuffix('_pct') + '_drop_points']:+.2f} points, "
                      f"{a['prediction_agreement_pct']:.2f}% same predictions)")
-    return "; ".join(parts)
+    line = "; ".join(parts)
+    guard = (record.get("quantization") or {}).get("guard")
+    if guard:
+        from deploycomp.sensitivity import summary_lines
+
+        line = "\n".join([line, *summary_lines(guard)])
+    return line

@@ -10,13 +10,21 @@ from deploycomp.checkpoint import register_surgery
 @register_surgery("prune_channels")
 def replay_channel_pruning(model, record: dict[str, Any], example_input) -> None:
     """Re-apply torch-pruning's recorded history (``record["history"]``) to a fresh model."""
-    import torch_pruning as tp
+    from deploycomp.errors import CheckpointError, DeploycompError, ResourceError, environment_error, first_line
+    from deploycomp.prune.adapters import after_pruning, dependency_graph
 
-    from deploycomp.prune.adapters import after_pruning
-
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    dg.load_pruning_history(record["history"])
-    after_pruning(model)
+    try:
+        dg = dependency_graph(model, example_input)
+        dg.load_pruning_history(record["history"])
+        after_pruning(model)
+    except DeploycompError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch-pruning raises whatever its graph code trips on
+        if isinstance(environment_error(e), ResourceError):
+            raise
+        raise CheckpointError(f"the channel pruning recorded in the checkpoint cannot be replayed on "
+                              f"{type(model).__name__} ({first_line(e, 160)}); it was pruned by another version of "
+                              "deploycomp or of the model's code: prune the model again") from e
 
 
 @register_surgery("freeze")

@@ -26,6 +26,7 @@ DEFAULT_SIZE = 64  # input height and width, unless SIZES says otherwise
 SIZES = {
     "inception_v3": 96,  # at least 75 px
     "vit_h_14": 56,  # a multiple of its 14 px patches
+    "maxvit_t": 224,  # its partitions need a grid divisible by 7 at every stage
     "alexnet": 224,  # adaptive pooling to 6x6 / 7x7 exports to ONNX only when it divides the feature map
     **{f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")},
 }
@@ -34,19 +35,10 @@ KWARGS = {**{f"vit_{v}": {"image_size": 64} for v in ("b_16", "b_32", "l_16", "l
           "vit_h_14": {"image_size": 56},
           "inception_v3": {"aux_logits": False}}  # the training-only auxiliary head needs 299 px
 # model -> why it fails; run as xfail(strict), so a model that starts passing makes the test fail.
-EXCLUDED = {f"shufflenet_v2_x{w}": "torch-pruning 1.6 cannot trace channel_shuffle (view -> transpose -> view): "
-            "building its dependency graph divides by zero (ShuffleNet is on Torch-Pruning's own list of failures)"
-            for w in ("0_5", "1_0", "1_5", "2_0")}
+# (ShuffleNet, Swin and MaxViT prune through adapters in deploycomp.prune.adapters since issue 25.)
+EXCLUDED: dict[str, str] = {}
 # model -> why it is not even attempted (it would take the machine's memory down with it).
-_WINDOWS = ("torch-pruning 1.6's dependency graph runs out of memory on the window partitions (reshape/permute "
-            "index mappings) and relative-position tables of {}")
-_SWIN_TYPE = ("torch-pruning 1.6 stops with a TypeError (int + None) in its dependency graph after a minute on Swin's "
-              "window partitions (Swin is on Torch-Pruning's own list of failures)")
-NOT_RUN = {**{n: _WINDOWS.format("Swin") + " (Swin is on Torch-Pruning's own list of failures)"
-              for n in ("swin_t", "swin_v2_t", "swin_v2_s", "swin_v2_b")},
-           "swin_s": _SWIN_TYPE, "swin_b": _SWIN_TYPE,
-           "maxvit_t": _WINDOWS.format("MaxViT") + " (over 16 GiB at 224 px)",
-           "vit_h_14": "632 M parameters: pruning and reloading pass, but the ONNX export alone runs out of 16 GiB"}
+NOT_RUN = {"vit_h_14": "632 M parameters: pruning and reloading pass, but the ONNX export alone runs out of 16 GiB"}
 # (regnet_y_128gf, 644 M parameters, passes but needs about 16 GiB: mind it when running the slow tests.)
 # timm models (benchmarks/zoo_sweep.py --timm sample): a small member of many families, with sizes,
 # constructor arguments and exclusions as above.
@@ -69,40 +61,31 @@ TIMM_SIZES = {**{n: 224 for n in ("vit_tiny_patch16_224", "deit_tiny_patch16_224
               **{n: 256 for n in ("botnet26t_256", "halonet26t", "lambda_resnet26t")}, "crossvit_tiny_240": 240,
               "inception_v3": 96, "vgg11_bn": 224}
 TIMM_KWARGS: dict[str, dict] = {}
-_SPLIT = "torch-pruning 1.6 cannot keep fixed channel splits in step ({}): the pruned model breaks"
-_HEADS = ("timm's attention reshapes with its head count and input width, which torch-pruning 1.6 does not "
-          "update (its timm ViT example patches forward(); deploycomp has no adapter for timm attention)")
-_GRAPH = "torch-pruning 1.6 maps channels wrongly through {} (index out of range / shape mismatch after pruning)"
+# Since issue 25, adapters (deploycomp.prune.adapters) prune CSP, Res2Net, timm attention, NF-nets, metaformer
+# and MambaOut; what is left fails in one line (a torch-pruning failure, or a refusal within seconds).
+_TP = "torch-pruning 1.6 {} (no adapter yet)"
+_REFUSED = "refused in seconds (deploycomp.prune.adapters): {}"
 TIMM_EXCLUDED = {
-    "mixnet_s": _SPLIT.format("MixedConv's torch.split"), "mobilevitv2_050": _SPLIT.format("torch.split of q, k, v"),
-    "cspresnet50": _SPLIT.format("the CSP split"), "cs3darknet_s": _SPLIT.format("the CSP split"),
-    "res2net50_14w_8s": _SPLIT.format("Res2Net's scale split"), "dpn48b": _SPLIT.format("the dual-path slices"),
-    "skresnet18": _SPLIT.format("selective-kernel paths"),
-    **{n: _HEADS for n in ("vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
-                           "coat_lite_tiny", "pit_ti_224", "crossvit_tiny_240", "mobilevit_xxs")},
-    **{n: _GRAPH.format("attention/token-mixer reshapes") for n in ("efficientformer_l1", "edgenext_xx_small",
-                                                                    "levit_128s", "tiny_vit_5m_224",
-                                                                    "efficientvit_b0", "mambaout_femto")},
-    "nf_resnet26": "ScaledStdConv2d's gain is not pruned with its convolution (torch-pruning 1.6)",
-    "poolformer_s12": "layer-scale parameters shaped (C, 1, 1) are pruned on the wrong dimension (torch-pruning 1.6)",
-    "poolformerv2_s12": "torch-pruning 1.6 fails on its layer-scale modules (NoneType has no attribute 'device')",
-    "tresnet_m": _GRAPH.format("the space-to-depth stem and anti-aliasing"),
-    "lambda_resnet26t": "building the dependency graph divides by zero (as for ShuffleNet)",
+    "mixnet_s": _TP.format("maps MixConv's unequal kernel-group split wrongly: the pruned model breaks"),
+    "cs3darknet_s": _TP.format("stops on the concatenation after CrossStage3's split (int + None in its graph)"),
+    "dpn48b": _TP.format("maps channels wrongly through the dual-path slices and dense concatenations"),
+    "skresnet18": _TP.format("cannot keep the selective-kernel input split and path stack in step"),
+    "tresnet_m": "pruned (anti-aliasing adapter), but the reload's input-channel check reads the first "
+                 "convolution after the space-to-depth stem (48 channels, not 3)",
+    "lambda_resnet26t": _REFUSED.format("its dependency graph divides by zero after a minute (lambda layers)"),
+    "rexnet_100": _REFUSED.format("its dependency graph took over 10 minutes (partial-channel residual additions)"),
+    "halonet26t": _REFUSED.format("its dependency graph ran out of 6 GiB (blocked self-attention reshapes)"),
+    "botnet26t_256": _REFUSED.format("its dependency graph ran out of 6 GiB (self-attention reshapes)"),
+    "efficientvit_m0": _REFUSED.format("its dependency graph ran out of 6 GiB (cascaded group attention)"),
 }
-# timm models not attempted: torch-pruning's dependency graph takes too long or too much memory.
-TIMM_NOT_RUN = {
-    "rexnet_100": "the dependency graph did not finish in 10 minutes (partial-channel residual additions)",
-    "halonet26t": "the dependency graph ran out of 6 GiB (blocked self-attention reshapes)",
-    "botnet26t_256": "the dependency graph ran out of 6 GiB (self-attention reshapes)",
-    "efficientvit_m0": "the dependency graph ran out of 6 GiB (cascaded group attention)",
-}
+TIMM_NOT_RUN: dict[str, str] = {}
 # One model per torchvision family (the cheapest): these run by default, the rest only with
 # DEPLOYCOMP_SLOW_TESTS=1 (they are marked slow).
 FAST = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "googlenet", "inception_v3", "mnasnet0_5",
         "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "shufflenet_v2_x0_5", "squeezenet1_1"]
 # Families whose cheapest member is too big for the default run (hundreds of MB of weights to trace, save
 # and export at 224 px); the tiny ViT below covers the adapter the ViT family needs.
-SLOW_ONLY = {"vgg", "vision_transformer"}
+SLOW_ONLY = {"vgg", "vision_transformer", "swin_transformer", "maxvit"}  # (tiny instances: tests/test_adapters.py)
 SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("DEPLOYCOMP_SLOW_TESTS"),
                                              reason="the whole zoo takes long; set DEPLOYCOMP_SLOW_TESTS=1 to run")]
 

@@ -35,6 +35,19 @@ from deploycomp.cli.options import (
 @click.option("--quantize-all-layers", is_flag=True,
               help="INT8: keep no layer in float (by default the tensorrt target keeps the first convolution and "
                    "the classifier in float).")
+@click.option("--max-drop", "max_drop", type=float, default=None, metavar="POINTS",
+              help="INT8: keep the most sensitive weighted layers (Conv/Gemm/MatMul) in float until the top-1 drop "
+                   "against FP32 on a validation subset of the training split is at most POINTS; ranks every layer "
+                   "(one evaluation each), then bisects over how many to keep (at most N + 3 + log2 N evaluations), "
+                   "reports the test split and, for ort-cpu, times the result against full INT8 and FP32. A bound "
+                   "no INT8 variant meets is an error and writes nothing.")
+@click.option("--sensitivity", is_flag=True,
+              help="INT8: per layer, the top-1 gained when only that layer stays float; writes "
+                   "OUTPUT.sensitivity.md, .json and .png beside the output.")
+@click.option("--rank-samples", type=int, default=None, callback=positive_int("--rank-samples"),
+              help="--max-drop/--sensitivity: validation images from the training split (after the calibration "
+                   "images). Default: 2000.")
+@click.option("--no-bench", is_flag=True, help="--max-drop: skip the speed comparison.")
 @click.option("--no-eval", is_flag=True, help="Skip the accuracy comparison on the dataset.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/evaluation subsets.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -58,6 +71,8 @@ def quantize(opts: dict) -> None:
       deploycomp quantize model.onnx -p int8 --target tensorrt          # -> model.int8-tensorrt.onnx
       deploycomp quantize model.onnx --precision fp16
       deploycomp quantize model.onnx -p int8 --calib-samples 1024 --calib-method entropy
+      deploycomp quantize model.onnx -p int8 --max-drop 0.5             # sensitive layers back to float
+      deploycomp quantize model.onnx -p int8 --sensitivity              # + model.int8.sensitivity.md/.json/.png
     """
     from deploycomp import console
     from deploycomp.quantize import quantize_onnx, summary_line
@@ -66,7 +81,9 @@ def quantize(opts: dict) -> None:
                            data_dir=opts["data_dir"], calib_samples=opts["calib_samples"],
                            calib_batch=opts["calib_batch"], calib_method=opts["calib_method"],
                            eval_samples=opts["eval_samples"], evaluate=not opts["no_eval"], seed=opts["seed"],
-                           quantize_all_layers=opts["quantize_all_layers"], target=opts["target"])
+                           quantize_all_layers=opts["quantize_all_layers"], target=opts["target"],
+                           max_drop=opts["max_drop"], sensitivity=opts["sensitivity"],
+                           rank_samples=opts["rank_samples"], bench=not opts["no_bench"])
     if opts["as_json"]:
         print_json(record)
     else:

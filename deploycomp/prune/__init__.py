@@ -54,6 +54,7 @@ from typing import Any
 
 from deploycomp import console
 from deploycomp.errors import MissingDependencyError, UsageError, check
+from deploycomp.prune.adapters import PruningError, check_prunable
 from deploycomp.prune.channels import channels_removed_pct, ignored_layers, one_thread, prune_channels
 from deploycomp.train import TrainConfig
 
@@ -230,40 +231,46 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
 
     steps_done: list[dict[str, Any]] = []
     acc_before = None
-    for step in range(cfg.steps):
-        t = time.perf_counter()
-        if criterion.needs_data:
-            with console.status_line(f"calibrating {cfg.method} on {cfg.calib_samples} samples"):
-                criterion.calibrate(model, batches)
-        seconds["calibration"] += time.perf_counter() - t
-        t = time.perf_counter()
-        if step == 0:
-            strategy.plan(ctx)  # may refuse an unreachable target: before anything else is spent
-            seconds["pruning"] += time.perf_counter() - t
-            acc_before = evaluate_now("eval (before)")
-            console.info(f"before pruning: {_score(acc_before, task)}, {before['macs'] / 1e9:.3f} G MACs")
+    name = ckpt.source or ckpt.arch
+    if criterion.granularity == "channels":
+        check_prunable(model, name)  # a pattern known to defeat torch-pruning: refused before any graph is built
+    try:
+        for step in range(cfg.steps):
             t = time.perf_counter()
-        with console.status_line(f"pruning ({cfg.method}, step {step + 1}/{cfg.steps})"):
-            done = strategy.step(ctx, step)
-        clear_stats(model)
-        seconds["pruning"] += time.perf_counter() - t
-        if cfg.recalibrate_bn:
-            t = time.perf_counter()
-            recalibrate_batchnorm(model, batches, device)
+            if criterion.needs_data:
+                with console.status_line(f"calibrating {cfg.method} on {cfg.calib_samples} samples"):
+                    criterion.calibrate(model, batches)
             seconds["calibration"] += time.perf_counter() - t
-        done["after_pruning"] = evaluate_now("eval (pruned)")
-        with one_thread():
-            done["macs"] = count_macs(model, example)
-        console.info(f"step {step + 1}/{cfg.steps}: {done['macs'] / 1e9:.3f} G MACs, "
-                     f"{_score(done['after_pruning'], task)} right after pruning")
-        epochs = _epochs_for_step(cfg.finetune_epochs, cfg.steps, step)
-        if epochs:
             t = time.perf_counter()
-            ft = dataclasses.replace(cfg.finetune, epochs=epochs)
-            _finetune(model, data.train, ft, loss_fn, task)
-            seconds["finetuning"] += time.perf_counter() - t
-            done["finetune_epochs"] = epochs
-        steps_done.append(done)
+            if step == 0:
+                strategy.plan(ctx)  # may refuse an unreachable target: before anything else is spent
+                seconds["pruning"] += time.perf_counter() - t
+                acc_before = evaluate_now("eval (before)")
+                console.info(f"before pruning: {_score(acc_before, task)}, {before['macs'] / 1e9:.3f} G MACs")
+                t = time.perf_counter()
+            with console.status_line(f"pruning ({cfg.method}, step {step + 1}/{cfg.steps})"):
+                done = strategy.step(ctx, step)
+            clear_stats(model)
+            seconds["pruning"] += time.perf_counter() - t
+            if cfg.recalibrate_bn:
+                t = time.perf_counter()
+                recalibrate_batchnorm(model, batches, device)
+                seconds["calibration"] += time.perf_counter() - t
+            done["after_pruning"] = evaluate_now("eval (pruned)")
+            with one_thread():
+                done["macs"] = count_macs(model, example)
+            console.info(f"step {step + 1}/{cfg.steps}: {done['macs'] / 1e9:.3f} G MACs, "
+                         f"{_score(done['after_pruning'], task)} right after pruning")
+            epochs = _epochs_for_step(cfg.finetune_epochs, cfg.steps, step)
+            if epochs:
+                t = time.perf_counter()
+                ft = dataclasses.replace(cfg.finetune, epochs=epochs)
+                _finetune(model, data.train, ft, loss_fn, task)
+                seconds["finetuning"] += time.perf_counter() - t
+                done["finetune_epochs"] = epochs
+            steps_done.append(done)
+    except PruningError as e:
+        raise PruningError(f"cannot prune {name}: {e}") from e
     model.cpu().eval()
     after_pruning = steps_done[-1]["after_pruning"]
     final = evaluate_now("eval (fine-tuned)") if cfg.finetune is not None else after_pruning

@@ -59,20 +59,48 @@ def prune_channels(model, example_input, criterion, ratio: float, *, global_prun
 
     The lower-level step under :func:`prune_checkpoint`: no calibration (a data-driven criterion must
     already be calibrated), no search, no fine-tuning. ``ignore`` names modules whose outputs are kept;
-    the classifier always is.
+    the classifier always is, and so are the layers the model's adapters keep. A failure inside
+    torch-pruning, or a pruned model that no longer runs, raises :class:`~deploycomp.prune.adapters.PruningError`.
     """
+    import torch
+
     from deploycomp.prune import adapters
 
     criterion.reset()
-    ignored = ignored_layers(model, ignore)
+    ignored = [model.get_submodule(n) for n in ignored_layers(model, ignore)]
+    ignored += [m for m in adapters.ignored_modules(model) if all(m is not o for o in ignored)]
     with one_thread():
-        pruner = _tp_pruner_class()(
-            model, example_input, criterion, pruning_ratio=ratio, global_pruning=global_pruning,
-            ignored_layers=[model.get_submodule(n) for n in ignored], round_to=round_to if round_to > 1 else None,
-            **adapters.pruner_kwargs(model))
-        pruner.step()
-    adapters.after_pruning(model)
+        with pruning_errors("building its dependency graph"), adapters.tracing(model):
+            pruner = _tp_pruner_class()(
+                model, example_input, criterion, pruning_ratio=ratio, global_pruning=global_pruning,
+                ignored_layers=ignored, round_to=round_to if round_to > 1 else None,
+                **adapters.pruner_kwargs(model))
+        with pruning_errors("pruning"):
+            pruner.step()
+            adapters.after_pruning(model)
+        with pruning_errors("running the pruned model", broken=True), torch.no_grad():
+            model.eval()(example_input)
     return pruner.pruning_history()
+
+
+@contextmanager
+def pruning_errors(during: str, broken: bool = False):
+    """Turn an exception inside torch-pruning (or from the model it pruned) into one :class:`PruningError` line."""
+    from deploycomp.errors import DeploycompError, ResourceError, environment_error, first_line
+    from deploycomp.prune.adapters import PruningError
+
+    try:
+        yield
+    except DeploycompError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch-pruning raises whatever its graph code trips on
+        if isinstance(environment_error(e), ResourceError):
+            raise  # out of memory: the CLI says so in one line
+        what = ("torch-pruning mapped channels wrongly through a reshape, split or attention in it"
+                if broken else "it has a pattern torch-pruning cannot map (a reshape, split or attention)")
+        raise PruningError(f"torch-pruning failed while {during} ({first_line(e, 160)}): {what}; "
+                           "keep the layers around it with --ignore LAYER (`deploycomp info --layers` lists them), "
+                           "or drop whole blocks with --method depth") from e
 
 
 def forward_through_layers(model, example, record) -> None:

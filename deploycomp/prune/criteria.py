@@ -88,7 +88,12 @@ _BN = (function.prune_batchnorm_out_channels,)
 
 
 def dep_kind(handler) -> str | None:
-    """``"out"``, ``"in"`` or ``"bn"`` for the pruning functions criteria score; None for the rest."""
+    """``"out"``, ``"in"`` or ``"bn"`` for the pruning functions criteria score; None for the rest. An adapter's
+    pruner that subclasses torch-pruning's convolution or linear pruner counts as one."""
+    owner = getattr(handler, "__self__", None)
+    if isinstance(owner, (function.ConvPruner, function.LinearPruner)) and handler.__name__ in (
+            "prune_out_channels", "prune_in_channels"):
+        return "out" if handler.__name__ == "prune_out_channels" else "in"
     if handler in _OUT:
         return "out"
     if handler in _IN:

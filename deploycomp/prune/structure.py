@@ -123,9 +123,9 @@ def analyse_channels(model, example, criterion, ignored: list[str], round_to: in
     """
     import numpy as np
     import torch.nn as nn
-    import torch_pruning as tp
 
-    from deploycomp.prune.channels import one_thread
+    from deploycomp.prune import adapters
+    from deploycomp.prune.channels import one_thread, pruning_errors
 
     notes: list[str] = []
     modules = dict(model.named_modules())
@@ -136,8 +136,9 @@ def analyse_channels(model, example, criterion, ignored: list[str], round_to: in
     mixed: set[Any] = set()  # layers whose input concatenates several groups
     groups: list[ChannelGroup] = []
     with one_thread():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored],
+        with pruning_errors("building its dependency graph"):
+            dg = adapters.dependency_graph(model, example)
+        for group in dg.get_all_groups(ignored_layers=[modules[n] for n in ignored] + adapters.ignored_modules(model),
                                        root_module_types=(nn.Conv2d, nn.Linear)):
             root = group[0].dep.target.module
             layers = [(dep, idxs) for dep, idxs in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))]
@@ -205,13 +206,14 @@ def _depthwise(m) -> bool:
 def prune_to_widths(model, example, widths: dict[str, int], rankings: dict[str, list[int]]) -> list:
     """Prune each group rooted at a module of ``widths`` to that many channels, dropping the channels
     that come first in its ``rankings`` entry; returns torch-pruning's history (for the checkpoint)."""
-    import torch_pruning as tp
 
-    from deploycomp.prune.channels import one_thread
+    from deploycomp.prune import adapters
+    from deploycomp.prune.channels import one_thread, pruning_errors
 
     modules = dict(model.named_modules())
     with one_thread():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        with pruning_errors("building its dependency graph"):
+            dg = adapters.dependency_graph(model, example)
         for root, w in widths.items():
             m = modules[root]
             pruner = dg.get_pruner_of_module(m)

@@ -1,0 +1,229 @@
+"""INT8 that keeps its accuracy: FP32, full post-training INT8 and INT8 with --max-drop, per model
+-> benchmarks/results/int8_accuracy.md (+ .json).
+
+Models (``--models``): the shipped baseline (light_resnet18, Fashion-MNIST, 28 px); ``edge``, a small
+MobileNetV3-style CNN (benchmarks/edge_net.py: depthwise convolutions, hard-swish, squeeze-excite) and
+``mobilenet``, torchvision mobilenet_v3_small at 32 px, each trained briefly on Fashion-MNIST on the CPU
+(the kind of edge model whose full INT8 loses points). Each is exported once (`deploycomp export`), then
+quantized for ort-cpu twice through the CLI: full INT8 (`quantize -p int8`) and
+`quantize -p int8 --max-drop D` (which ranks the layers on a validation subset of the training split,
+keeps the most sensitive in float, reports the test split, and times FP32, full INT8 and the guarded model
+together on ONNX Runtime CPU, batch 1, 1 thread, paired, 2 sessions). Top-1 is on all 10,000 test images.
+
+Usage: python benchmarks/int8_accuracy.py [--workdir /tmp/deploycomp-int8acc] [--max-drop 0.5[,0.1]]
+       [--models baseline,edge,mobilenet] [--train-samples 15000] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GOAL_MAX_DROP = 0.5
+GOAL_SPEEDUP_SHARE = 0.8  # the guarded model keeps at least this share of full INT8's speed-up
+
+
+class Refused(Exception):
+    """deploycomp exited with a one-line error (e.g. a --max-drop only FP32 meets)."""
+
+
+def deploycomp(*args: str, json_out: bool = True) -> dict:
+    """Run ``deploycomp ARGS --json`` in a subprocess (the same code path as a user); returns its JSON."""
+    cmd = [sys.executable, "-m", "deploycomp", *args, *(["--json"] if json_out else [])]
+    print("$ deploycomp " + " ".join(args), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    if proc.returncode == 2 and len(errors) == 1:
+        raise Refused(errors[0])
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(proc.stdout) if json_out else {}
+
+
+EDGE_NET = str(ROOT / "benchmarks" / "edge_net.py") + ":build"
+TRAIN = {  # model key -> deploycomp train arguments (without -o)
+    "mobilenet": ["--model", "mobilenet_v3_small", "--data", "fashion-mnist", "--input-size", "32",
+                  "--optimizer", "adam", "--lr", "2e-3"],
+    "edge": ["--model", EDGE_NET, "--data", "fashion-mnist", "--optimizer", "adam", "--lr", "3e-3"],
+}
+NAMES = {"baseline": "light_resnet18 (shipped baseline)", "mobilenet": "mobilenet_v3_small (32 px)",
+         "edge": "edge_net (benchmarks/edge_net.py: depthwise, hard-swish, SE)"}
+
+
+def train(key: str, out: Path, train_samples: int, epochs: int) -> list[str]:
+    args = ["train", *TRAIN[key], "--epochs", str(epochs), "--train-samples", str(train_samples),
+            "--val-samples", "2000", "-o", str(out)]
+    if not out.exists():
+        deploycomp(*args, json_out=False)
+    return args
+
+
+def quantize(onnx: Path, out: Path, *args: str) -> dict:
+    """``deploycomp quantize`` unless ``out`` and its sidecar exist already (a re-run continues)."""
+    side = Path(f"{out}.json")
+    if out.exists() and side.exists():
+        return json.loads(side.read_text())
+    return deploycomp("quantize", str(onnx), "-p", "int8", *args, "-o", str(out))
+
+
+def run_model(name: str, onnx: Path, max_drop: float) -> dict:
+    full = quantize(onnx, onnx.with_suffix(".int8.onnx"))
+    try:
+        guarded = quantize(onnx, onnx.with_suffix(f".int8-maxdrop{max_drop:g}.onnx"), "--max-drop",
+                           str(max_drop), "--sensitivity")
+    except Refused as e:
+        return {"model": name, "full": full, "refused": str(e), "max_drop": max_drop}
+    return {"model": name, "full": full, "guarded": guarded, "max_drop": max_drop}
+
+
+def _ci(m: dict) -> str:
+    ci = m.get("speedup_ci95")
+    return f"{m['speedup_vs_fp32']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _goal_line(r: dict) -> str:
+    max_drop = r["max_drop"]
+    if "refused" in r:
+        return f"- {r['model']}, --max-drop {max_drop:g}: refused, nothing written: `{r['refused']}`"
+    fa, ga = r["full"]["accuracy"], r["guarded"]["accuracy"]
+    g = r["guarded"]["quantization"]["guard"]
+    share = (g.get("speed") or {}).get("guarded_share_of_int8_speedup")
+    parts = [f"full INT8 loses {fa['top1_drop_points']:.2f} points "
+             f"({'>= 1: a goal model' if fa['top1_drop_points'] >= 1 else '< 1: not a goal model'})",
+             f"--max-drop {max_drop:g} test drop {ga['top1_drop_points']:.2f} "
+             f"({'met' if ga['top1_drop_points'] <= max_drop else 'MISSED'})"]
+    if share is not None:
+        parts.append(f"keeps {100 * share:.0f} % of the INT8 speed-up "
+                     f"({'met' if share >= GOAL_SPEEDUP_SHARE else 'MISSED'})")
+    return f"- {r['model']}: " + "; ".join(parts)
+
+
+def markdown(rows: list[dict], max_drop: str, commands: list[str], minutes: float, load: tuple) -> str:
+    import platform
+
+    from deploycomp import __version__
+    from deploycomp.quantize import has_vnni
+
+    lines = ["# INT8 that keeps its accuracy (ort-cpu): full PTQ vs --max-drop", "",
+             f"Generated by `python benchmarks/int8_accuracy.py --max-drop {max_drop}` in {minutes:.1f} min on "
+             f"{time.strftime('%Y-%m-%d')} (a re-run reuses the checkpoints, ONNX files and quantized models "
+             "already in the workdir).", "",
+             f"- machine: {platform.machine()}, {os.cpu_count()} cores, VNNI: {has_vnni()}; deploycomp {__version__}",
+             f"- **shared machine**: other engineers ran CPU work at the same time (load average when this "
+             f"script started {load[0]:.1f}, ended {load[1]:.1f}, on 2 cores; quantized models already in the "
+             "workdir were made and timed earlier, on 2026-12-06 at load averages of 7 to 12). The paired "
+             "speed-up intervals still hold (every round times all models in alternation); absolute "
+             "milliseconds do not.",
+             "- top-1 on all 10,000 Fashion-MNIST test images (ONNX Runtime CPU); --max-drop decides on 2,000 "
+             "training images disjoint from the 512 calibration images; speed: ORT CPU, batch 1, 1 thread, "
+             "2 sessions x 6 rounds, speed-up vs FP32 with its 95 % interval", "",
+             "| model | FP32 top-1 | full INT8 top-1 (drop) | full INT8 speed-up | --max-drop | top-1 (drop) | "
+             "layers in float | guarded speed-up | share of INT8 speed-up | evaluations |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "refused" in r:
+            fa = r["full"]["accuracy"]
+            lines.append(f"| {r['model']} | {fa['fp32_top1_pct']:.2f} | {fa['top1_pct']:.2f} "
+                         f"({fa['top1_drop_points']:+.2f}) | - | {r['max_drop']:g} | refused: only FP32 meets it "
+                         "(see below) | - | - | - | - |")
+            continue
+        fa, ga = r["full"]["accuracy"], r["guarded"]["accuracy"]
+        g = r["guarded"]["quantization"]["guard"]
+        sp = (g.get("speed") or {}).get("models", {})
+        floats = ", ".join(f"`{f['layer']}`" for f in g["float_layers"]) or "none"
+        share = (g.get("speed") or {}).get("guarded_share_of_int8_speedup")
+        lines.append(
+            f"| {r['model']} | {fa['fp32_top1_pct']:.2f} | {fa['top1_pct']:.2f} ({fa['top1_drop_points']:+.2f}) | "
+            f"{_ci(sp['int8']) if 'int8' in sp else '-'} | {r['max_drop']:g} | "
+            f"{ga['top1_pct']:.2f} ({ga['top1_drop_points']:+.2f}) | "
+            f"{floats} | {_ci(sp['guarded']) if 'guarded' in sp else '= full INT8'} | "
+            f"{'-' if share is None else f'{100 * share:.0f} %'} | "
+            f"{g['evaluations']} (bound {g['evaluation_bound']}) |")
+    lines += ["", "Share of INT8 speed-up = (guarded speed-up - 1) / (full INT8 speed-up - 1), from the same paired "
+              "run. Drops are FP32 minus INT8 in points (positive: INT8 lost). Per-layer sensitivity (points won "
+              "back with only that layer in float) is in the `.sensitivity.md` files beside each model in the "
+              "workdir and in int8_accuracy.json.", "",
+              f"Goals: drop with --max-drop {GOAL_MAX_DROP:g} at most {GOAL_MAX_DROP:g} points; the guarded model "
+              f"keeps at least {100 * GOAL_SPEEDUP_SHARE:.0f} % of full INT8's speed-up.", "",
+              "Goal check:", "",
+              *[_goal_line(r) for r in rows], "",
+              "Recorded 2026-12-06: none of these models loses 1 point under full ort-cpu INT8 (U8S8, per-channel "
+              "weights, minmax on 512 images), so --max-drop 0.5 has nothing to return to float on them and the "
+              "speed-share goal is not exercised here; the path that reverts layers is covered by "
+              "tests/test_quantize_guard.py (a layer with a 1e5 activation outlier). mobilenet_v3_small (32 px, "
+              "3 epochs on 15,000 images, Adam 2e-3; 35 min on the loaded machine) evaluated at 8.9 % (chance) as "
+              "trained: torchvision's BatchNorm momentum of 0.01 leaves the running statistics behind the weights "
+              "after 351 steps; benchmarks/bn_reestimate.py re-estimates them on 2,000 training images (9.0 % -> "
+              "77.3 % on 1,000 test images) and that checkpoint is the one measured. edge_net is small enough that "
+              "INT8 does not pay off on ONNX Runtime CPU. Finding a model that does lose a point (longer-trained "
+              "MobileNetV3 / EfficientNet at larger input) is the open item.", "",
+              "What the 0.1 rows show: on edge_net the validation subset met 0.1 (0.10 points) with no layer in "
+              "float while the test split drops 0.20 (the command warns: 2,000 images resolve 0.05 points at "
+              "best); on mobilenet_v3_small even all 54 Conv/Gemm in float lose 0.35 points on validation, more "
+              "than full INT8's 0.25: the loss sits in the operators ort-cpu keeps INT8 around them (the "
+              "squeeze-excite and hard-swish Mul/Add, HardSigmoid, GlobalAveragePool), which --max-drop does not "
+              "consider yet; the command refuses and writes nothing.", "",
+              "QAT (quantization-aware training): not done in this round; see docs/deployment.md (quantize).", "",
+              "## Commands", "", "```", *commands, "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/deploycomp-int8acc")
+    ap.add_argument("--max-drop", default=str(GOAL_MAX_DROP), help="bounds, comma-separated, e.g. 0.5,0.1: "
+                    "the first for every model, the others for the trained edge models only")
+    ap.add_argument("--models", default="baseline,edge", help="of baseline, edge, mobilenet (trained into the "
+                    "workdir when WORKDIR/KEY_fmnist.pt is missing)")
+    ap.add_argument("--train-samples", type=int, default=15000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_accuracy.md"))
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    drops = [float(d) for d in a.max_drop.split(",")]
+    work.mkdir(parents=True, exist_ok=True)
+    t0, load0 = time.time(), os.getloadavg()[0]
+    commands, rows = [], []
+    for key in a.models.split(","):
+        args: list[str] = []
+        if key != "baseline":
+            ckpt = work / f"{key}_fmnist.pt"
+            raw = work / f"{key}_raw.pt" if key == "mobilenet" else ckpt
+            if key == "mobilenet" and ckpt.exists():
+                commands.append("deploycomp " + " ".join(["train", *TRAIN[key], "--epochs", str(a.epochs),
+                                                          "--train-samples", str(a.train_samples),
+                                                          "--val-samples", "2000", "-o", str(raw)]))
+            else:
+                commands.append("deploycomp " + " ".join(train(key, raw, a.train_samples, a.epochs)))
+            if key == "mobilenet":  # BatchNorm momentum 0.01: a short run's eval-mode statistics are unusable
+                bn = ["benchmarks/bn_reestimate.py", str(raw), str(ckpt), "--input-size", "32"]
+                if not ckpt.exists():
+                    subprocess.run([sys.executable, str(ROOT / bn[0]), *bn[1:]], check=True)
+                commands.append("python " + " ".join(bn))
+            args = ["--model", str(ckpt)] + (["--arch", EDGE_NET] if key == "edge" else [])
+        onnx = work / f"{key}.onnx"
+        if not onnx.exists():
+            deploycomp("export", *args, "-o", str(onnx), json_out=False)
+        commands += [" ".join(["deploycomp export", *args, "-o", onnx.name]),
+                     f"deploycomp quantize {onnx.name} -p int8",
+                     *[f"deploycomp quantize {onnx.name} -p int8 --max-drop {d:g} --sensitivity" for d in drops
+                       if d == drops[0] or key != "baseline"]]
+        rows += [run_model(NAMES[key], onnx, d) for d in drops if d == drops[0] or key != "baseline"]
+    minutes = (time.time() - t0) / 60
+    out = Path(a.out)
+    commands = [c.replace(str(ROOT) + "/", "") for c in commands]
+    out.write_text(markdown(rows, a.max_drop, commands, minutes, (load0, os.getloadavg()[0])))
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
