@@ -446,6 +446,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
     check(opts.calib_samples > 0, f"--calib-samples must be positive, got {opts.calib_samples}")
     check(opts.calib_batch > 0, f"--calib-batch must be positive, got {opts.calib_batch}")
     check(eval_samples is None or eval_samples > 0, f"--eval-samples must be positive, got {eval_samples}")
+    check(rank_samples is None or rank_samples > 0, f"--rank-samples must be positive, got {rank_samples}")
     if spec.needs_data and not name:
         raise UsageError(f"INT8 calibration needs data: {src} has no sidecar naming its dataset; pass --data NAME "
                          "(and --data-dir DIR), e.g. --data fashion-mnist")
@@ -458,7 +459,6 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
         check(precision == "int8", f"{what} applies to --precision int8 only, not {precision}")
         check(evaluate, f"{what} measures accuracy on labelled data; drop --no-eval")
         rank_samples = rank_samples or DEFAULT_RANK_SAMPLES
-        check(rank_samples > 0, f"--rank-samples must be positive, got {rank_samples}")
     test = task = None
     if name:
         from deploycomp.data import load_dataset
