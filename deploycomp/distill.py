@@ -128,7 +128,7 @@ def run_distillation(teacher: str | None, student: str, config, *, teacher_arch:
                "temperature": temperature, "alpha": alpha, "lambda": lam}
     check_output(out, t_ckpt.source)  # the teacher is an input too
     return run_training(student, config, output=out, data=data, data_dir=data_dir, resume=resume,
-                        loss_fn=kd_loss(t_ckpt.model, temperature, alpha, lam, t_data.info.ignore_index),
+                        loss_fn=t_data.task.kd_loss(t_ckpt.model, temperature, alpha, lam),
                         lineage=lineage, prepare=prepare,
                         op="distill", **student_options)
 

@@ -81,23 +81,25 @@ def _torch_opset_limits() -> dict[str, int]:
 
 
 @register_exporter("torchscript", opsets=(9, 20), description="torch.onnx.export(dynamo=False)")
-def _export_torchscript(model, example, path: Path, opset: int, dynamic_batch: bool) -> None:
+def _export_torchscript(model, example, path: Path, opset: int, dynamic_batch: bool,
+                        output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> None:
     import torch
 
-    axes = {INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}} if dynamic_batch else None
+    axes = {name: {0: BATCH_AXIS} for name in (INPUT_NAME, *output_names)} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated upstream; it still is the robust one
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True)
+                          output_names=list(output_names), dynamic_axes=axes, do_constant_folding=True)
 
 
 @register_exporter("dynamo", opsets=(18, 23), requires="onnxscript", description="torch.onnx.export(dynamo=True)")
-def _export_dynamo(model, example, path: Path, opset: int, dynamic_batch: bool) -> None:
+def _export_dynamo(model, example, path: Path, opset: int, dynamic_batch: bool,
+                   output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> None:
     import torch
 
     shapes = {"x": {0: torch.export.Dim(BATCH_AXIS, min=1, max=4096)}} if dynamic_batch else None
     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                output_names=[OUTPUT_NAME], dynamic_shapes=_rename_first_arg(model, shapes),
+                                output_names=list(output_names), dynamic_shapes=_rename_first_arg(model, shapes),
                                 external_data=False)
     program.save(str(path), external_data=False)
 
@@ -312,13 +314,22 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
 
 
 def ort_run(session, x):
-    """Run ``session`` on a torch tensor or numpy array (cast to the model's input dtype); numpy float32 out."""
+    """Run ``session`` on a torch tensor or numpy array (cast to the model's input dtype); its first output,
+    numpy float32."""
+    import numpy as np
+
+    return ort_run_all(session, x)[0].astype(np.float32)
+
+
+def ort_run_all(session, x) -> list:
+    """Every output of ``session`` on ``x`` (numpy, in graph order; floating outputs as float32)."""
     import numpy as np
 
     inp = session.get_inputs()[0]
     arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     arr = arr.astype(np.float16 if inp.type == "tensor(float16)" else np.float32, copy=False)
-    return session.run(None, {inp.name: arr})[0].astype(np.float32)
+    return [o.astype(np.float32) if np.issubdtype(o.dtype, np.floating) else o
+            for o in session.run(None, {inp.name: arr})]
 
 
 def ort_batch(session) -> int | None:
@@ -459,14 +470,15 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
                 dynamic_batch: bool = False, input_size: tuple[int, int] | None = None, simplify: bool = True,
                 parity: bool = True, data: str | None = None, data_dir: str | os.PathLike | None = None,
                 atol: float | None = None, rtol: float | None = None, exporter: str | None = None,
-                dataset=None) -> dict[str, Any]:
+                dataset=None, raw: bool = False, postprocess: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``ckpt`` (a :class:`~deploycomp.checkpoint.Checkpoint`) to ONNX at ``output``.
 
     Writes the model and its sidecar atomically, after the ONNX checker and (``parity``) the ORT-vs-PyTorch
     check have passed; on a failed check the model is kept as ``*.FAILED-<check>.onnx`` and the error raised.
     ``parity=False`` only skips the comparison, never the checker (the CLI always runs both).
     ``dataset`` (a loaded test split) saves reloading ``data`` for the real parity inputs.
-    Returns the sidecar record.
+    Detectors: ``postprocess`` sets ``max_det``, ``score_threshold``, ``iou_threshold`` of the exported
+    NMS; ``raw`` exports the head alone. Returns the sidecar record.
     """
     import onnx
     import torch
@@ -487,21 +499,29 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
     if input_size is not None:
         chw = (chw[0], *input_size)
     shape = (batch, *chw)
+    from deploycomp.tasks import get_task, task_of_checkpoint
+
+    task = get_task(task_of_checkpoint(ckpt), ckpt.num_classes or 1)
+    check(not postprocess or task.name == "detection", "--max-detections, --score-threshold and --iou-threshold "
+          f"set a detector's post-processing; {ckpt.source or ckpt.arch} is a {task.name} model: drop them")
+    for key, value in (postprocess or {}).items():
+        setattr(task, key, value)
     model = ckpt.model.eval().cpu()
+    module, output_names = task.export_module(model, raw)
     check_forward_fits(model, chw, batch, "--batch or --input-size")
     example = torch.randn(*shape)
     params = count_params(model)
     macs = count_macs(model, torch.zeros(1, *chw))
-    from deploycomp.tasks import task_of_checkpoint
-
     meta = ckpt.metadata
     record: dict[str, Any] = {
         "command": "export", "output": str(output), "format": "onnx", "precision": "fp32",
-        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+        "input_name": INPUT_NAME, "output_name": output_names[0],
+        "output_names": list(output_names),
         "input_shape": [None if dynamic_batch else batch, *chw], "dynamic_batch": dynamic_batch,
         "layout": "NCHW", "input_dtype": "float32", "opset": opset, "exporter": exp.name,
         "mean": meta.get("mean"), "std": meta.get("std"), "class_names": meta.get("class_names"),
-        "num_classes": ckpt.num_classes, "dataset": data or meta.get("dataset"), "task": task_of_checkpoint(ckpt),
+        "num_classes": ckpt.num_classes, "dataset": data or meta.get("dataset"), "task": task.name,
+        **task.export_record(raw),
         "arch": ckpt.arch, "model_kwargs": ckpt.model_kwargs, "surgeries": [s["op"] for s in ckpt.surgeries],
         "source": ckpt.source, "source_sha256": sha256(ckpt.source) if ckpt.source else None,
         "macs": macs, "macs_g": macs / 1e9, "flops_g": 2 * macs / 1e9, **params,
@@ -518,7 +538,7 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
         with console.status_line(f"exporting {ckpt.source or ckpt.arch} to ONNX (opset {opset}, {exp.name})"):
             try:
                 with console.captured_output():  # graph dumps and exporter chatter: only -v shows them
-                    exp.fn(model, example, tmp, opset, dynamic_batch)
+                    exp.fn(module, example, tmp, opset, dynamic_batch, output_names)
             except OSError as e:  # the disk, not the exporter
                 raise cannot_write(output, e) from None
             except Exception as e:  # exporter failures are many and varied; name the model and the cause
@@ -540,12 +560,14 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
         if parity:
             groups = parity_inputs(ckpt, shape, data=data, data_dir=data_dir, dynamic_batch=dynamic_batch,
                                    dataset=dataset)
-            report = check_parity(model, tmp, groups, atol, rtol)
+            report = task.check_parity(module, tmp, groups, atol, rtol)
             record["parity"] = report
             console.info(parity_line(report))
             if not report["passed"]:
                 _keep_failed(tmp, output, "parity", record)
                 raise ParityError(
+                    f"{report['failure']}; the model was kept only as {failed_path(output, 'parity')} for "
+                    "inspection" if "failure" in report else
                     f"ONNX Runtime disagrees with PyTorch: max |diff| {report['max_abs_diff']:.3g} > tolerance "
                     f"{report['tolerance']:.3g} (atol {atol:g} + rtol {rtol:g} x max |logit| "
                     f"{report['max_abs_logit']:.3g}; "

@@ -12,7 +12,8 @@ from deploycomp.errors import UsageError
 from deploycomp.tasks import check_same_task, task_of_checkpoint
 
 DEFAULT_DATASET = "fashion-mnist"
-DEFAULT_DATASETS = {"classification": DEFAULT_DATASET, "segmentation": "fashion-scenes"}  # per task
+DEFAULT_DATASETS = {"classification": DEFAULT_DATASET, "segmentation": "fashion-scenes",
+                    "detection": "fashion-scenes-det"}  # per task
 
 
 @dataclass

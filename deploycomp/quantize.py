@@ -43,6 +43,7 @@ from deploycomp.export import (
     onnx_precision,
     ort_batch,
     ort_run,
+    ort_run_all,
     ort_session,
     read_sidecar,
 )
@@ -260,6 +261,28 @@ def _to_fp16(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
     return {"converter": "onnxconverter-common float16.convert_float_to_float16", "keep_io_types": True}
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def postprocessing_nodes(model) -> list[str]:
+    """The nodes of a detector's in-graph post-processing, kept in float: in a graph with a
+    NonMaxSuppression, every node that no weighted layer depends on (box decoding, scores, NMS, the
+    fixed-size outputs). Empty for a graph without NMS."""
+    nodes = model.graph.node
+    if not any(n.op_type == "NonMaxSuppression" for n in nodes):
+        return []
+    producer = {out: n for n in nodes for out in n.output}
+    network: set[int] = set()
+    stack = [n for n in nodes if n.op_type in WEIGHTED_OPS]
+    while stack:
+        n = stack.pop()
+        if id(n) in network:
+            continue
+        network.add(id(n))
+        stack += [producer[i] for i in n.input if i in producer]
+    return [n.name for n in nodes if id(n) not in network]
+
+
 class _CalibrationReader:
     """onnxruntime's CalibrationDataReader over deploycomp's calibration batches."""
 
@@ -300,8 +323,11 @@ def _to_int8(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        float_nodes = [] if opts.quantize_all_layers else target.float_layers(onnx.load(str(pre)))
+        graph = onnx.load(str(pre))
+        float_nodes = [] if opts.quantize_all_layers else target.float_layers(graph)
         float_nodes += [n for n in opts.extra_float_nodes if n not in float_nodes]
+        post = postprocessing_nodes(graph)  # a detector's decoding and NMS: always float, even with --all-layers
+        float_nodes += [n for n in post if n not in float_nodes]
         extra = {"ActivationSymmetric": target.activation_symmetric, "WeightSymmetric": True,
                  "QuantizeBias": target.quantize_bias,
                  "OpTypesToExcludeOutputQuantization": list(target.float_outputs)}
@@ -371,7 +397,8 @@ def default_output(onnx_path: str | os.PathLike, precision: str, target: str | N
 def evaluate_onnx(path: str | os.PathLike, dataset, samples: int | None = None, batch_size: int = 256,
                   seed: int = 0, task=None) -> dict[str, Any]:
     """The task's metrics (default: top-1) of an ONNX model on ``dataset`` with ONNX Runtime CPU; also
-    returns the argmax predictions (per image, or per pixel for segmentation)."""
+    returns ``predictions``, what the task compares between two runs (argmax labels per image or pixel;
+    detections)."""
     import numpy as np
     import torch
 
@@ -387,17 +414,27 @@ def evaluate_onnx(path: str | os.PathLike, dataset, samples: int | None = None, 
             x, y = x[:n], y[:n]
             if n == 0:
                 continue
-            out = np.concatenate([ort_run(session, x[i:i + fixed]) for i in range(0, n, fixed)])
+            runs = [ort_run_all(session, x[i:i + fixed]) for i in range(0, n, fixed)]
+            out = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
         else:
-            out = ort_run(session, x)
+            out = ort_run_all(session, x)
         if meter is None:
             from deploycomp.tasks import get_task
 
-            meter = (task or get_task("classification", int(out.shape[1]))).meter()
-        meter.update(torch.from_numpy(out), torch.as_tensor(y))
-        preds.append(out.argmax(1))
+            task = task or get_task("classification", int(out[0].shape[1]))
+            meter = task.meter()
+        outputs = task.from_onnx(out)
+        meter.update(outputs, torch.as_tensor(y))
+        preds.append(task.predictions(outputs))
     check(meter is not None, f"no test sample reached {path}: the test set is smaller than its batch size")
-    return {**meter.result(), "predictions": np.concatenate(preds)}
+    return {**meter.result(), "predictions": _concat(preds)}
+
+
+def _concat(parts):
+    import numpy as np
+    import torch
+
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
 
 
 def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None = None, *, precision: str,
@@ -588,8 +625,12 @@ def _relative(path: Path, start: Path) -> str | None:
 
 
 def _random_parity(src: Path, dst: Path, io: dict) -> dict[str, Any]:
-    """Max |diff| of the converted model's logits against the FP32 model's, on N(0, 1) inputs."""
+    """Max |diff| of the converted model's logits against the FP32 model's, on N(0, 1) inputs (None for a
+    graph with several outputs, a detector after NMS: which boxes survive random inputs means nothing)."""
     import numpy as np
+
+    if len(ort_session(src).get_outputs()) > 1:
+        return None
 
     shape = [d if isinstance(d, int) else 4 for d in io["input_shape"]]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -600,12 +641,17 @@ def _accuracy(src: Path, dst: Path, test, samples: int | None, name: str, seed: 
     """The task's headline metric of the converted model against the FP32 one (``top1_pct`` for
     classifiers: ``fp32_top1_pct``, ``top1_pct``, ``top1_drop_points``; ``miou_pct`` for segmentation: ...)."""
     metric = task.metric if task is not None else "top1_pct"
+    label = task.label if task is not None else "top-1"
     ref = evaluate_onnx(src, test, samples, seed=seed, task=task)
     new = evaluate_onnx(dst, test, samples, seed=seed, task=task)
-    agree = 100.0 * float((ref.pop("predictions") == new.pop("predictions")).mean())
+    if task is None:
+        from deploycomp.tasks import get_task
+
+        task = get_task("classification", 1)
+    agree = task.agreement_pct(ref.pop("predictions"), new.pop("predictions"))
     stem = metric.removesuffix("_pct")
     acc = {"dataset": name, "split": "test", "samples": new["samples"], "runtime": "onnxruntime CPU",
-           "metric": metric, "label": task.label if task is not None else "top-1",
+           "metric": metric, "label": label,
            f"fp32_{metric}": ref[metric], metric: new[metric],
            f"{stem}_drop_points": ref[metric] - new[metric], "prediction_agreement_pct": agree}
     return acc

@@ -203,7 +203,7 @@ def evaluate(model, dataset, batch_size: int = 256, device=None, loss_fn=None, s
             if meter is None:
                 task = task or _default_task(logits)
                 task.check_outputs(logits, y)
-                meter, criterion = task.meter(), loss_fn or task.loss()
+                meter, criterion = task.meter(), loss_fn or task.loss(model=model)
             loss_sum += float(criterion(logits, x, y)) * len(y)
             meter.update(logits, y)
             n += len(y)
@@ -274,7 +274,9 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
         from deploycomp.zoo import infer_num_classes
 
         task = get_task("classification", infer_num_classes(model) or 1)
-    criterion = loss_fn or task.loss(cfg.label_smoothing)
+    if getattr(loss_fn, "needs_model", False):  # a loss that asks the model (a detector's distillation)
+        loss_fn = loss_fn(model)
+    criterion = loss_fn or task.loss(cfg.label_smoothing, model=model)
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -356,10 +358,9 @@ def _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=use_amp):
-            logits = net(x)
-            if n == 0:
+            logits, loss = task.train_step(net, x, y, criterion)
+            if n == 0 and logits is not None:
                 task.check_outputs(logits, y)
-            loss = criterion(logits, x, y)
             for penalty in penalties:
                 loss = loss + penalty(model)
         if not torch.isfinite(loss):
@@ -370,17 +371,24 @@ def _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion
         scaler.update()
         scheduler.step()
         loss_sum += loss.item() * len(y)
-        hits, total = task.train_accuracy(logits, y)
-        correct, counted = correct + hits, counted + total
+        if task.train_metric:
+            hits, total = task.train_accuracy(logits, y)
+            correct, counted = correct + hits, counted + total
         n += len(y)
-    return {"train_loss": loss_sum / max(n, 1), f"train_{task.train_metric}": 100.0 * correct / max(counted, 1)}
+    row = {"train_loss": loss_sum / max(n, 1)}
+    if task.train_metric:
+        row[f"train_{task.train_metric}"] = 100.0 * correct / max(counted, 1)
+    return row
 
 
 def _epoch_line(row: dict[str, float], epochs: int, task) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}",
-             f"train {row[f'train_{task.train_metric}']:.2f}%"]
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
+    if task.train_metric:
+        parts.append(f"train {row[f'train_{task.train_metric}']:.2f}%")
     if f"val_{task.metric}" in row:
-        parts += [f"val {task.label} {row[f'val_{task.metric}']:.2f}%", f"val loss {row['val_loss']:.4f}"]
+        parts.append(f"val {task.label} {row[f'val_{task.metric}']:.2f}%")
+        if row.get("val_loss") == row.get("val_loss"):  # NaN for end-to-end detectors: no eval-mode loss
+            parts.append(f"val loss {row['val_loss']:.4f}")
     parts.append(f"lr {row['lr']:.3g}")
     return "  ".join(parts)
 

@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deploycomp import console
-from deploycomp.errors import MissingDependencyError, UsageError, check
+from deploycomp.errors import UsageError, check
 from deploycomp.prune.adapters import PruningError, check_prunable
 from deploycomp.prune.channels import channels_removed_pct, ignored_layers, one_thread, prune_channels
 from deploycomp.train import TrainConfig
@@ -201,10 +201,10 @@ def prune_checkpoint(ckpt, data, config: PruneConfig) -> tuple[Any, dict[str, An
     device = resolve_device(cfg.device)
     task = data.task
     criterion = get_criterion(cfg.method)(CriterionOptions(cfg.norm, cfg.coverage_threshold, cfg.seed, device,
-                                                           loss=task.loss()))
+                                                           loss=task.loss(model=ckpt.model)))
     model = ckpt.model.cpu().eval()
     ignored = ignored_layers(model, cfg.ignore, task)
-    loss_fn = _distill_loss(ckpt, cfg, data.info.ignore_index) if cfg.finetune is not None else None
+    loss_fn = _distill_loss(ckpt, cfg, task) if cfg.finetune is not None else None
     check(cfg.finetune is None or data.train is not None, "fine-tuning needs the training split of the dataset")
     batches = []
     if criterion.needs_data or cfg.recalibrate_bn:
@@ -383,14 +383,9 @@ def _finetune(model, train_set, config: TrainConfig, loss_fn, task=None) -> None
     model.cpu().eval()
 
 
-def _distill_loss(ckpt, cfg: PruneConfig, ignore_index: int | None = None):
+def _distill_loss(ckpt, cfg: PruneConfig, task):
     if cfg.distill_from is None:
         return None
-    try:
-        from deploycomp.distill import kd_loss
-    except ImportError:
-        raise MissingDependencyError("--distill-from needs deploycomp.distill, which this installation lacks") \
-            from None
     from deploycomp.checkpoint import load_model
 
     teacher = load_model(cfg.distill_from, num_classes=ckpt.num_classes,
@@ -399,8 +394,7 @@ def _distill_loss(ckpt, cfg: PruneConfig, ignore_index: int | None = None):
     if teacher.num_classes is not None and ckpt.num_classes is not None and teacher.num_classes != ckpt.num_classes:
         raise UsageError(f"teacher {cfg.distill_from} has {teacher.num_classes} classes but the model has "
                          f"{ckpt.num_classes}; they must predict the same classes")
-    return kd_loss(teacher.model.eval(), temperature=cfg.temperature, alpha=cfg.alpha, lam=cfg.lam,
-                   ignore_index=ignore_index)
+    return task.kd_loss(teacher.model.eval(), cfg.temperature, cfg.alpha, cfg.lam)
 
 
 def _params(cfg: PruneConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deploycomp.errors import UsageError
+from deploycomp.errors import UsageError, check
 from deploycomp.registry import Registry
 
 TASKS: Registry[type[Task]] = Registry("task")
@@ -52,8 +52,9 @@ class Task:
     unit = "images"  # what the metric is computed over, for messages
 
     # -- training and evaluation
-    def loss(self, label_smoothing: float = 0.0):
-        """``(logits, inputs, targets) -> loss``: cross-entropy over the class axis (dim 1)."""
+    def loss(self, label_smoothing: float = 0.0, model=None):
+        """``(logits, inputs, targets) -> loss``: cross-entropy over the class axis (dim 1). ``model``: the
+        model the outputs come from (detection asks it for its own loss; the others do not need it)."""
         import torch.nn.functional as F
 
         ignore = -100 if self.ignore_index is None else self.ignore_index
@@ -65,6 +66,33 @@ class Task:
 
     def meter(self) -> Meter:
         raise NotImplementedError
+
+    def kd_loss(self, teacher, temperature: float, alpha: float, lam: float):
+        """The distillation loss of this task (see :func:`deploycomp.distill.kd_loss`)."""
+        from deploycomp.distill import kd_loss
+
+        return kd_loss(teacher, temperature, alpha, lam, self.ignore_index)
+
+    def train_step(self, net, x, y, criterion):
+        """``(outputs, loss)`` of one training batch (``net`` in train mode)."""
+        outputs = net(x)
+        return outputs, criterion(outputs, x, y)
+
+    def from_onnx(self, outputs: list):
+        """What the meter takes, from the outputs of an ONNX session (numpy arrays, in graph order)."""
+        import torch
+
+        return torch.from_numpy(outputs[0])
+
+    def predictions(self, outputs):
+        """What export parity and INT8 agreement compare between two runs of one model: argmax labels."""
+        return outputs.argmax(1).numpy()
+
+    def agreement_pct(self, ref, new) -> float:
+        """Percent of predictions two runs share (:meth:`predictions` of each)."""
+        import numpy as np
+
+        return 100.0 * float(np.mean(ref == new)) if np.size(ref) else 100.0
 
     def train_accuracy(self, logits, targets) -> tuple[int, int]:
         """(correct, counted) of argmax predictions in one training batch (labels or scored pixels)."""
@@ -82,6 +110,24 @@ class Task:
     def output_layers(self, model) -> list:
         """The layers whose outputs are the predictions: pruning never removes their output channels."""
         raise NotImplementedError
+
+    def export_module(self, model, raw: bool = False):
+        """``(module, output names)``: what export writes to ONNX for ``model``."""
+        from deploycomp.export import OUTPUT_NAME
+
+        check(not raw, f"--raw exports a detector's head without its post-processing; a {self.name} model has "
+                       "none: drop --raw")
+        return model, (OUTPUT_NAME,)
+
+    def export_record(self, raw: bool = False) -> dict[str, Any]:
+        """What the ONNX sidecar records about the task's outputs, beyond the common fields."""
+        return {}
+
+    def check_parity(self, module, onnx_path, groups: dict, atol: float, rtol: float) -> dict[str, Any]:
+        """PyTorch (``module``) against ONNX Runtime on every group of inputs (see export.check_parity)."""
+        from deploycomp.export import check_parity
+
+        return check_parity(module, onnx_path, groups, atol, rtol)
 
     def summary(self, metrics: dict[str, Any]) -> str:
         """The metrics of one evaluation in a few words, for the console."""
@@ -209,6 +255,178 @@ class Segmentation(Task):
 
 
 # --------------------------------------------------------------------------------------------------
+# Object detection: boxes and their classes
+
+
+class _MeanAP(Meter):
+    def __init__(self, task):
+        from deploycomp.tasks.det_metrics import MeanAP
+
+        self.task, self.inner = task, MeanAP(task.num_classes)
+
+    def update(self, outputs, targets) -> None:
+        self.inner.update(self.task.detections(outputs), targets)
+
+    def result(self) -> dict[str, Any]:
+        return self.inner.result()
+
+
+PARITY_MATCH_PCT = 99.0  # of confident detections, each way, for export parity of a post-processed detector
+
+
+def _match_report(forward: dict, backward: dict, images: int) -> dict[str, Any]:
+    """One parity entry: the smaller of both directions' match rates, in the fields parity lines print."""
+    pct = min(forward["matched_pct"], backward["matched_pct"])
+    return {"agreement": "detection match", "top1_agreement_pct": pct, "samples": images,
+            "max_abs_diff": forward.get("max_score_diff", 0.0), "matched": forward, "unmatched_in_onnx": backward}
+
+
+@register_task("detection")
+class Detection(Task):
+    """Targets are (M, 5) rows ``[label, x1, y1, x2, y2]`` (label -1: padding); a model returns either the
+    raw ``(N, A, 4 + C)`` of a dense head (:mod:`deploycomp.tasks.dense_det`), post-processed here as in
+    its exported graph, or, for end-to-end models (torchvision's, ``returns_detections = True``), the
+    four post-processed outputs ``(num_detections, boxes, scores, labels)``. The loss is the model's own
+    ``detection_loss(images, targets, outputs)``; the metric COCO mAP@[.5:.95] (pycocotools)."""
+
+    metric, label, train_metric = "map_pct", "mAP", ""
+    agreement, target = "detection match", "boxes and their classes per image"
+    max_det, score_threshold, iou_threshold = 100, 0.05, 0.5  # post-processing (see det_post)
+
+    def loss(self, label_smoothing: float = 0.0, model=None):
+        import torch
+
+        if model is None or not hasattr(model, "detection_loss"):
+            raise UsageError(f"{type(model).__name__} has no detection_loss(images, targets, outputs): a "
+                             "detector deploycomp trains defines one (see docs/detection.md)")
+
+        def loss(outputs, inputs, targets):
+            if isinstance(outputs, (tuple, list)) and not torch.is_grad_enabled():
+                return torch.tensor(float("nan"))  # an end-to-end model computes its losses in train mode only
+            return model.detection_loss(inputs, targets, None if isinstance(outputs, (tuple, list)) else outputs)
+
+        return loss
+
+    def kd_loss(self, teacher, temperature: float, alpha: float, lam: float):
+        """Dense-head to dense-head: soft classes and teacher-weighted boxes (:func:`dense_det.distillation_loss`)."""
+        from deploycomp.tasks.dense_det import distillation_loss
+
+        if getattr(teacher, "returns_detections", False):
+            raise UsageError(f"{type(teacher).__name__} returns post-processed detections (torchvision's); detection "
+                             "distillation needs a dense-head teacher (e.g. light_det or YOLO-style user code)")
+        return distillation_loss(teacher, temperature, alpha, lam)
+
+    def train_step(self, net, x, y, criterion):
+        if getattr(getattr(net, "module", net), "returns_detections", False):
+            return None, criterion((), x, y)  # its forward in train mode is its loss: run once, by the loss
+        return super().train_step(net, x, y, criterion)
+
+    def meter(self) -> Meter:
+        return _MeanAP(self)
+
+    def detections(self, outputs):
+        """Dense detections (N, K, 6) ``[x1, y1, x2, y2, score, label]`` from a model's outputs."""
+        from deploycomp.tasks.det_post import as_dense, postprocess
+
+        if isinstance(outputs, (tuple, list)):
+            return as_dense(*outputs)
+        return as_dense(*postprocess(outputs, self.max_det, self.score_threshold, self.iou_threshold))
+
+    def from_onnx(self, outputs: list):
+        import torch
+
+        tensors = [torch.from_numpy(o) for o in outputs]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    def predictions(self, outputs):
+        return self.detections(outputs)
+
+    def agreement_pct(self, ref, new) -> float:
+        from deploycomp.tasks.det_post import match_detections
+
+        return float(match_detections(ref, new)["matched_pct"])
+
+    def export_module(self, model, raw: bool = False):
+        """End-to-end models export as they are; a dense head with :class:`det_post.DetectionExport` (boxes,
+        scores, labels after class-wise NMS, ``max_det`` of them), or alone with ``raw``."""
+        from deploycomp.tasks.det_post import OUTPUT_NAMES, RAW_OUTPUT_NAMES, DetectionExport
+
+        if getattr(model, "returns_detections", False):
+            check(not raw, f"{type(model).__name__} computes its detections inside its forward (torchvision's "
+                           "post-processing); it has no raw head output to export: drop --raw")
+            return model, OUTPUT_NAMES
+        if raw:
+            return model, RAW_OUTPUT_NAMES
+        return DetectionExport(model, self.max_det, self.score_threshold, self.iou_threshold), OUTPUT_NAMES
+
+    def export_record(self, raw: bool = False) -> dict[str, Any]:
+        return {"postprocess": None if raw else {"nms": "class-wise", "max_detections": self.max_det,
+                                                  "score_threshold": self.score_threshold,
+                                                  "iou_threshold": self.iou_threshold}}
+
+    def check_parity(self, module, onnx_path, groups: dict, atol: float, rtol: float) -> dict[str, Any]:
+        """Raw heads: numerically, as logits. Post-processed graphs: by matched detections (same label,
+        IoU and score within tolerance, :func:`det_post.match_detections`), both ways; passes when at
+        least ``PARITY_MATCH_PCT`` of each side's confident detections are matched."""
+        import torch
+
+        from deploycomp.export import ort_run_all, ort_session
+        from deploycomp.tasks.det_post import match_detections
+
+        probe = next(iter(groups.values()))[0][:1]
+        with torch.no_grad():
+            if not isinstance(module(probe), (tuple, list)):
+                return super().check_parity(module, onnx_path, groups, atol, rtol)
+        session = ort_session(onnx_path)
+        report: dict[str, Any] = {"runtime": "onnxruntime CPU", "criterion": "matched detections",
+                                  "min_match_pct": PARITY_MATCH_PCT}
+        refs, outs = [], []
+        for kind, batches in groups.items():
+            with torch.no_grad():
+                ref = torch.cat([self.detections(module(x)) for x in batches])
+            out = torch.cat([self.detections(self.from_onnx(ort_run_all(session, x))) for x in batches])
+            report[kind] = _match_report(match_detections(ref, out), match_detections(out, ref), len(ref))
+            refs.append(ref)
+            outs.append(out)
+        ref, out = torch.cat(refs), torch.cat(outs)
+        report.update(_match_report(match_detections(ref, out), match_detections(out, ref), len(ref)))
+        report["passed"] = bool(report["top1_agreement_pct"] >= PARITY_MATCH_PCT)
+        if not report["passed"]:
+            report["failure"] = ("ONNX Runtime's detections match PyTorch's for only "
+                                 f"{report['top1_agreement_pct']:.1f}% (at least {PARITY_MATCH_PCT:g}% needed)")
+        return report
+
+    def train_accuracy(self, logits, targets) -> tuple[int, int]:
+        return 0, 0  # no running accuracy: the loss is what a detector's epoch line shows
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        return f"mAP {metrics['map_pct']:.2f}%  mAP@.5 {metrics['map50_pct']:.2f}%"
+
+    def check_outputs(self, logits, targets, model_name: str = "the model") -> None:
+        if isinstance(logits, (tuple, list)):
+            if len(logits) != 4:
+                raise UsageError(f"{model_name} returns {len(logits)} outputs where an end-to-end detector returns "
+                                 "4 (num_detections, boxes, scores, labels)")
+            return
+        if logits.ndim != 3 or logits.shape[-1] != 4 + self.num_classes:
+            raise UsageError(f"{model_name} returns {tuple(logits.shape)} outputs where a detector of "
+                             f"{self.num_classes} classes returns (batch, points, 4 + {self.num_classes}): is it a "
+                             "classifier or a segmenter? give it data of its task, or a detector")
+
+    def output_layers(self, model) -> list:
+        """The model's ``protected_layers()`` if it has one (torchvision detectors, user code), else every
+        convolution producing the classes or the four box values (a dense head's predictors)."""
+        import torch.nn as nn
+
+        if hasattr(model, "protected_layers"):
+            return list(model.protected_layers())
+        convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        outs = {self.num_classes, 4}
+        return [m for m in convs if getattr(m, "out_channels", getattr(m, "out_features", None)) in outs] \
+            or convs[-1:]
+
+
+# --------------------------------------------------------------------------------------------------
 # Resolving the task of a run
 
 
@@ -239,6 +457,7 @@ def check_same_task(model_task: str, data_task: str, model: str, data: str) -> N
     declares none, user code, and follows the data)."""
     if model_task is not None and model_task != data_task:
         hint = {"segmentation": "--data fashion-scenes (or voc with --data-dir)",
+                "detection": "--data fashion-scenes-det (or coco with --data-dir)",
                 "classification": "--data fashion-mnist (or another classification set)"}.get(model_task, "")
         raise UsageError(f"model {model} is a {model_task} model but dataset {data} is for {data_task}; "
                          f"give {model_task} data{': ' + hint if hint else ''}")
