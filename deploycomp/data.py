@@ -150,8 +150,13 @@ class _Resized:
         import torch.nn.functional as F
 
         x, y = self.dataset[i]
+        old = tuple(x.shape[-2:])
         x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False)[0]
-        if getattr(y, "ndim", 0) == 2:  # a segmentation mask: resized with its image, nearest class per pixel
+        if getattr(y, "ndim", 0) == 2 and y.shape[-1] == 5 and y.is_floating_point():  # detection: boxes scale
+            from deploycomp.tasks.coco import resize_targets
+
+            y = resize_targets(y, old, self.size)
+        elif getattr(y, "ndim", 0) == 2:  # a segmentation mask: resized with its image, nearest class per pixel
             y = F.interpolate(y[None, None].float(), size=self.size, mode="nearest")[0, 0].to(y.dtype)
         return x, y
 
@@ -343,6 +348,23 @@ def _voc(split: str, data_dir=None, augment: bool = False, input_size=None, **_)
 
 SYNTHETIC_SIZES = {"train": 512, "test": 256}
 SYNTHETIC_SHAPE, SYNTHETIC_CLASSES = (3, 32, 32), 10  # when there is no model to follow
+
+
+@register_dataset("fashion-scenes-det", "detection: the fashion-scenes (64x64, 1-3 Fashion-MNIST garments) with "
+                                        "their boxes; 10 classes, at most 3 boxes an image (written once as COCO "
+                                        "in the cache, then read like --data coco)")
+def _fashion_scenes_det(split: str, data_dir=None, augment: bool = False, input_size=None, **_):
+    from deploycomp.tasks.coco import load_scenes_det
+
+    return load_scenes_det(split, data_dir, augment, input_size)
+
+
+@register_dataset("coco", "detection: your images and COCO instances JSON under --data-dir "
+                          "(DIR/annotations/instances_{train,val}.json, images in DIR/train/ and DIR/val/)")
+def _coco(split: str, data_dir=None, augment: bool = False, input_size=None, fit: ModelInputs = ModelInputs()):
+    from deploycomp.tasks.coco import load_coco
+
+    return load_coco(split, data_dir, augment, input_size, fit)
 
 
 @register_dataset("synthetic", "seeded random tensors in the model's shape and classes (3x32x32, 10 classes "

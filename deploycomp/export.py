@@ -353,7 +353,8 @@ def compare(ref, out) -> dict[str, float]:
     return {"max_abs_diff": float(diff.max()) if diff.size else 0.0,
             "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
             "top1_agreement_pct": 100.0 * float(agree.mean()) if agree.size else 100.0,
-            "agreement": "pixel" if ref.ndim == 4 else "top-1", "samples": int(ref.shape[0]) if ref.ndim else 0}
+            "agreement": {4: "pixel", 3: "argmax"}.get(ref.ndim, "top-1"),
+            "samples": int(ref.shape[0]) if ref.ndim else 0}
 
 
 def _chunks(x, batch: int | None):
@@ -434,9 +435,12 @@ def check_parity(model, onnx_path: str | os.PathLike, groups: dict[str, list], a
 
 
 def parity_line(report: dict[str, Any]) -> str:
-    parts = [f"{kind}: max |diff| {report[kind]['max_abs_diff']:.2e}, {report[kind].get('agreement', 'top-1')} "
-             f"agreement {report[kind]['top1_agreement_pct']:.1f}% ({report[kind]['samples']} samples)"
-             for kind in ("random", "real") if kind in report]
+    def of(entry) -> str:
+        return f" ({entry['diff_of']})" if entry.get("diff_of") else ""
+
+    parts = [f"{kind}: max |diff| {report[kind]['max_abs_diff']:.2e}{of(report[kind])}, "
+             f"{report[kind].get('agreement', 'top-1')} agreement {report[kind]['top1_agreement_pct']:.1f}% "
+             f"({report[kind]['samples']} samples)" for kind in ("random", "real") if kind in report]
     return "parity vs PyTorch (ONNX Runtime CPU) " + "; ".join(parts)
 
 
@@ -507,7 +511,7 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
     for key, value in (postprocess or {}).items():
         setattr(task, key, value)
     model = ckpt.model.eval().cpu()
-    module, output_names = task.export_module(model, raw)
+    module, output_names = task.export_module(model, raw, exp.name)
     check_forward_fits(model, chw, batch, "--batch or --input-size")
     example = torch.randn(*shape)
     params = count_params(model)

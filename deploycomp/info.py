@@ -39,14 +39,14 @@ def list_registered(models: bool, datasets: bool) -> list[str]:
         names = list_models()
         lines.append("deploycomp built-ins:")
         lines += [f"  {n:<22} {get_spec(n).description}" for n in names if MODELS.get(n).source == "deploycomp"]
-        for task in ("classification", "segmentation"):
+        for task in ("classification", "segmentation", "detection"):
             lines.append(f"torchvision {task} models: " + ", ".join(
                 n for n in names if MODELS.get(n).source == "torchvision" and MODELS.get(n).task == task))
         lines.append(f"timm models: timm:NAME ({_timm_status()})")
         lines.append("your own code: path/to/file.py:factory or package.module:factory (a callable returning an "
                      "nn.Module; --model-kwargs, --weights FILE)")
     if datasets:
-        lines += [f"{n:<15} {DATASETS.get(n).description}" for n in DATASETS.names()]
+        lines += [f"{n:<18} {DATASETS.get(n).description}" for n in DATASETS.names()]
     return lines
 
 

@@ -653,8 +653,14 @@ def _accuracy(src: Path, dst: Path, test, samples: int | None, name: str, seed: 
     acc = {"dataset": name, "split": "test", "samples": new["samples"], "runtime": "onnxruntime CPU",
            "metric": metric, "label": label,
            f"fp32_{metric}": ref[metric], metric: new[metric],
-           f"{stem}_drop_points": ref[metric] - new[metric], "prediction_agreement_pct": agree}
+           f"{stem}_drop_points": ref[metric] - new[metric], "prediction_agreement_pct": agree,
+           "agreement": task.agreement}
     return acc
+
+
+def _agreement_words(accuracy: dict[str, Any]) -> str:
+    kind = accuracy.get("agreement")
+    return "of confident detections matched" if kind == "detection match" else "same predictions"
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -669,7 +675,7 @@ def summary_line(record: dict[str, Any]) -> str:
         parts.append(f"{a.get('label', 'top-1')} on {a['dataset']} test ({a['samples']:,} images, ORT CPU): "
                      f"{a[m]:.2f}% vs FP32 {a[f'fp32_{m}']:.2f}% "
                      f"({0.0 - a[m.removesuffix('_pct') + '_drop_points']:+.2f} points, "
-                     f"{a['prediction_agreement_pct']:.2f}% same predictions)")
+                     f"{a['prediction_agreement_pct']:.2f}% {_agreement_words(a)})")
     line = "; ".join(parts)
     guard = (record.get("quantization") or {}).get("guard")
     if guard:

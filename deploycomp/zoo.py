@@ -105,6 +105,31 @@ def _add_torchvision_models() -> None:
             MODELS.register(name, ModelSpec(name, _torchvision_builder(name, dense=True), (3, 224, 224),
                                             "torchvision segmentation model (its 'out' logits)", "torchvision",
                                             num_classes=21, task="segmentation"))
+    _add_torchvision_detectors(tvm)
+
+
+def _torchvision_detector_builder(name: str):
+    def build(num_classes: int, in_channels: int, weights: str | None = None, **kwargs):
+        from deploycomp.tasks.tv_detection import build_torchvision_detector
+
+        return build_torchvision_detector(name, num_classes, in_channels, weights=weights, **kwargs)
+
+    return build
+
+
+def _add_torchvision_detectors(tvm) -> None:
+    """torchvision's detectors, end to end (their own post-processing; deploycomp.tasks.tv_detection);
+    mask and keypoint models are listed and refused in one line when built."""
+    from deploycomp.tasks.tv_detection import DETECTORS
+
+    for name in tvm.list_models(module=tvm.detection):
+        if name not in MODELS:
+            family = DETECTORS.get(name)
+            size = family.native_size if family else (800, 800)
+            what = ("torchvision detector (end to end: its own post-processing)" if family else
+                    "torchvision mask/keypoint model (refused: use its fasterrcnn counterpart)")
+            MODELS.register(name, ModelSpec(name, _torchvision_detector_builder(name), (3, *size), what,
+                                            "torchvision", num_classes=80, task="detection"))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -170,16 +195,24 @@ def _check_built(model, spec: ModelSpec, num_classes: int | None, in_channels: i
 
 
 def infer_num_classes(model) -> int | None:
-    """Outputs of the last Linear layer (the classifier of most networks); None when there is none."""
+    """Outputs of the last Linear layer (the classifier of most networks); None when there is none. A
+    detector that says its classes (torchvision's, wrapped) is taken at its word."""
     import torch.nn as nn
+
+    if hasattr(model, "detection_loss") and isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes  # a detector: its classes, not its box regressors' outputs
 
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else None
 
 
 def infer_in_channels(model) -> int | None:
-    """Input channels of the first convolution; None when the model has none."""
+    """Input channels of the first convolution; None when the model has none (or what a wrapped
+    torchvision detector says: it repeats a grey channel to the RGB its backbone takes)."""
     import torch.nn as nn
+
+    if getattr(model, "returns_detections", False) and hasattr(model, "in_channels"):
+        return model.in_channels
 
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else None

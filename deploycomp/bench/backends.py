@@ -224,10 +224,13 @@ class TorchRunner(Runner):
         if self.options.input_size and ckpt.source:  # a checkpoint keeps its channels, takes the new size
             shape = (shape[0], *self.options.input_size)
         self.input_shape = shape
-        model = ckpt.model.eval()
+        from deploycomp.tasks import get_task, task_of_checkpoint
+
+        # What the exported graph runs: a detector with its post-processing (end to end), others as they are.
+        model, _ = get_task(task_of_checkpoint(ckpt), ckpt.num_classes or 1).export_module(ckpt.model.eval())
         self.info = {"label": ckpt.name, "arch": ckpt.arch, "input_shape": list(shape), "precision": "fp32",
-                     "macs": count_macs(model, torch.zeros(1, *shape)),
-                     "params_total": count_params(model)["params_total"], "threads": torch.get_num_threads()}
+                     "macs": count_macs(ckpt.model, torch.zeros(1, *shape)),
+                     "params_total": count_params(ckpt.model)["params_total"], "threads": torch.get_num_threads()}
         self.model = self._wrap(model.to(self.device))
         self._mode = torch.inference_mode()
         self._mode.__enter__()
@@ -329,7 +332,10 @@ class TorchRunner(Runner):
 
     def download(self) -> None:
         out = self.out if self.out is not None else self.model(self.x)
-        self.out_host = out.to("cpu", non_blocking=False)
+        if isinstance(out, (tuple, list)):  # a detector's post-processed outputs
+            self.out_host = [o.to("cpu", non_blocking=False) for o in out]
+        else:
+            self.out_host = out.to("cpu", non_blocking=False)
 
     def memory(self) -> dict[str, Any]:
         """Parameters and buffers counted exactly; on CUDA the caching allocator's peaks."""

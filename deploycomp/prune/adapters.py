@@ -398,3 +398,18 @@ register_adapter("timm.layers.blur_pool.BlurPool2d", after=_blur_any_width,
 # g, i, c = torch.split(self.fc1(x), self.split_indices, dim=-1): fc1's output stays
 register_adapter("timm.models.mambaout.GatedConvBlock", ignore=_layers("fc1"),
                  note="gated conv split: fc1's output (split in three) stays; the residual stream is pruned")
+
+
+# torchvision detectors: Faster R-CNN computes its proposals from detached RPN outputs, so a graph traced
+# from the detections never reaches the RPN head, and the FPN outputs get pruned below what the shared RPN
+# convolution expects (torch-pruning 1.6: "179 of 256 input channels"). Traced from every predictor's
+# outputs instead, the FPN, RPN and RoI heads are pruned alike (and tracing skips the post-processing).
+def _tv_detector_tracing():
+    from deploycomp.tasks.tv_detection import tracing_heads
+
+    return tracing_heads()
+
+
+register_adapter("deploycomp.tasks.tv_detection.TorchvisionDetector", tracing=_tv_detector_tracing,
+                 note="torchvision detectors: traced from their predictors' outputs, so the FPN, RPN and RoI "
+                      "heads are pruned alike")

@@ -111,8 +111,8 @@ class Task:
         """The layers whose outputs are the predictions: pruning never removes their output channels."""
         raise NotImplementedError
 
-    def export_module(self, model, raw: bool = False):
-        """``(module, output names)``: what export writes to ONNX for ``model``."""
+    def export_module(self, model, raw: bool = False, exporter: str = "torchscript"):
+        """``(module, output names)``: what export writes to ONNX for ``model`` (with ``exporter``)."""
         from deploycomp.export import OUTPUT_NAME
 
         check(not raw, f"--raw exports a detector's head without its post-processing; a {self.name} model has "
@@ -278,7 +278,8 @@ def _match_report(forward: dict, backward: dict, images: int) -> dict[str, Any]:
     """One parity entry: the smaller of both directions' match rates, in the fields parity lines print."""
     pct = min(forward["matched_pct"], backward["matched_pct"])
     return {"agreement": "detection match", "top1_agreement_pct": pct, "samples": images,
-            "max_abs_diff": forward.get("max_score_diff", 0.0), "matched": forward, "unmatched_in_onnx": backward}
+            "max_abs_diff": forward.get("max_score_diff") or 0.0, "diff_of": "scores of matched detections",
+            "matched": forward, "reverse": backward}
 
 
 @register_task("detection")
@@ -291,7 +292,7 @@ class Detection(Task):
 
     metric, label, train_metric = "map_pct", "mAP", ""
     agreement, target = "detection match", "boxes and their classes per image"
-    max_det, score_threshold, iou_threshold = 100, 0.05, 0.5  # post-processing (see det_post)
+    max_det, score_threshold, iou_threshold = 100, 0.05, 0.5  # post-processing: det_post's defaults
 
     def loss(self, label_smoothing: float = 0.0, model=None):
         import torch
@@ -346,9 +347,10 @@ class Detection(Task):
 
         return float(match_detections(ref, new)["matched_pct"])
 
-    def export_module(self, model, raw: bool = False):
+    def export_module(self, model, raw: bool = False, exporter: str = "torchscript"):
         """End-to-end models export as they are; a dense head with :class:`det_post.DetectionExport` (boxes,
-        scores, labels after class-wise NMS, ``max_det`` of them), or alone with ``raw``."""
+        scores, labels after class-wise NMS, ``max_det`` of them), or alone with ``raw``. The in-graph NMS
+        is written by the TorchScript exporter only (its symbolic emits ONNX NonMaxSuppression)."""
         from deploycomp.tasks.det_post import OUTPUT_NAMES, RAW_OUTPUT_NAMES, DetectionExport
 
         if getattr(model, "returns_detections", False):
@@ -357,7 +359,10 @@ class Detection(Task):
             return model, OUTPUT_NAMES
         if raw:
             return model, RAW_OUTPUT_NAMES
-        return DetectionExport(model, self.max_det, self.score_threshold, self.iou_threshold), OUTPUT_NAMES
+        check(exporter == "torchscript", f"a detector's post-processing (NMS) exports with the torchscript exporter "
+                                         f"only, not {exporter}: drop --exporter, or export the head alone with --raw")
+        wrapper = DetectionExport(model, self.max_det, self.score_threshold, self.iou_threshold)
+        return wrapper.train(model.training), OUTPUT_NAMES  # a new module is in train mode: take the model's
 
     def export_record(self, raw: bool = False) -> dict[str, Any]:
         return {"postprocess": None if raw else {"nms": "class-wise", "max_detections": self.max_det,
