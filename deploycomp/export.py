@@ -512,6 +512,9 @@ def export_onnx(ckpt, output: str | os.PathLike, *, opset: int | None = None, ba
         setattr(task, key, value)
     model = ckpt.model.eval().cpu()
     module, output_names = task.export_module(model, raw, exp.name)
+    check(not dynamic_batch or getattr(model, "exports_dynamic_batch", True),
+          f"{ckpt.source or ckpt.arch} cannot export with --dynamic-batch: its post-processing loops over the images "
+          "of a batch (torchvision's), so the graph holds one batch size; export with --batch N instead")
     check_forward_fits(model, chw, batch, "--batch or --input-size")
     example = torch.randn(*shape)
     params = count_params(model)

@@ -267,7 +267,8 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 def postprocessing_nodes(model) -> list[str]:
     """The nodes of a detector's in-graph post-processing, kept in float: in a graph with a
     NonMaxSuppression, every node that no weighted layer depends on (box decoding, scores, NMS, the
-    fixed-size outputs). Empty for a graph without NMS."""
+    fixed-size outputs), and the predictors feeding only those (the class and box convolutions: their
+    outputs are the logits and box distances, which 8 bits would round). Empty for a graph without NMS."""
     nodes = model.graph.node
     if not any(n.op_type == "NonMaxSuppression" for n in nodes):
         return []
@@ -280,7 +281,16 @@ def postprocessing_nodes(model) -> list[str]:
             continue
         network.add(id(n))
         stack += [producer[i] for i in n.input if i in producer]
-    return [n.name for n in nodes if id(n) not in network]
+    post = {id(n) for n in nodes if id(n) not in network}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in nodes:
+        users = [u for out in n.output for u in consumers.get(out, [])]
+        if n.op_type in WEIGHTED_OPS and users and all(id(u) in post for u in users):
+            post.add(id(n))
+    return [n.name for n in nodes if id(n) in post]
 
 
 class _CalibrationReader:

@@ -113,6 +113,7 @@ class TorchvisionDetector(nn.Module):
     """A torchvision detector in deploycomp's end-to-end detection contract (see the module docstring)."""
 
     returns_detections = True
+    exports_dynamic_batch = False  # torchvision's post-processing loops over the images: one batch size per graph
     _trace_heads = False  # set by tracing_heads(): forward returns the predictors' outputs
 
     def __init__(self, model: nn.Module, name: str, num_classes: int, in_channels: int, max_det: int):
