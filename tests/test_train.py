@@ -96,3 +96,24 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.exists() and Path(f"{out}.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.pt", "ddp.pt.json"]
+
+
+def test_val_samples_validate_on_a_subset_but_test_means_the_whole_split(tmp_path):
+    """--val-samples makes each epoch's validation cheap; the metric recorded as "test" is still the test split."""
+    from deploycomp import console
+    from deploycomp.checkpoint import load_model
+    from deploycomp.data import load_dataset
+    from deploycomp.train import TrainConfig, evaluate
+    from deploycomp.workflows import run_training
+
+    console.set_verbosity(console.QUIET)
+    try:
+        record = run_training("light_resnet18", TrainConfig(epochs=1, batch_size=32, train_samples=64,
+                                                            val_samples=16, seed=0),
+                              output=str(tmp_path / "m.pt"), data="synthetic")
+    finally:
+        console.set_verbosity(console.NORMAL)
+    test, _ = load_dataset("synthetic", "test")
+    ckpt = load_model(str(tmp_path / "m.pt"))
+    assert ckpt.metadata["metrics"]["test"]["samples"] == len(test) > 16
+    assert record["test"]["top1_pct"] == evaluate(ckpt.model, test, device="cpu")["top1_pct"]
