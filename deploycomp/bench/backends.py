@@ -652,7 +652,10 @@ class TrtRunner(Runner):
     def download(self) -> None:
         out = self.out if self.out is not None else self.engine.infer(self.x)
         with _torch_stream(self.stream):
-            self.out_host = out.to("cpu", non_blocking=False)
+            if isinstance(out, tuple):  # a detector's four outputs
+                self.out_host = [o.to("cpu", non_blocking=False) for o in out]
+            else:
+                self.out_host = out.to("cpu", non_blocking=False)
 
     def memory(self) -> dict[str, Any]:
         def mib(attr):

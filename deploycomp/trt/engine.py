@@ -58,11 +58,14 @@ class EngineRunner:
             inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
             check(len(inputs) == 1 and len(outputs) >= 1, f"{self.path} has inputs {inputs} and outputs {outputs}; "
-                  "deploycomp runs single-input classifiers", InputFileError)
-            self.input_name, self.output_name = inputs[0], outputs[0]
+                  "deploycomp runs single-input models", InputFileError)
+            # every output is bound (TensorRT executes only when all I/O tensors have addresses): a detector
+            # with its NMS has four (num_detections, boxes, scores, labels), all of fixed shapes
+            self.input_name, self.output_names = inputs[0], outputs
+            self.output_name = outputs[0]
             self.input_dtype = torch_dtype(self.engine.get_tensor_dtype(self.input_name), self.input_name, self.path)
-            self.output_dtype = torch_dtype(self.engine.get_tensor_dtype(self.output_name), self.output_name,
-                                            self.path)
+            self.output_dtypes = [torch_dtype(self.engine.get_tensor_dtype(n), n, self.path) for n in outputs]
+            self.output_dtype = self.output_dtypes[0]
             shape = tuple(self.engine.get_tensor_shape(self.input_name))
             if shape[0] == -1:
                 lo, opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
@@ -76,7 +79,8 @@ class EngineRunner:
             self.engine_bytes = self.path.stat().st_size
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(self.device)
-        self._out: Any = None
+        self._out: Any = None  # the first output (one tensor) or every output (a tuple), as infer() returns
+        self._outs: list = []
         self._inputs_alive: Any = None
 
     @property
@@ -99,11 +103,14 @@ class EngineRunner:
             if x.device != self.device or x.dtype != self.input_dtype or not x.is_contiguous():
                 x = x.to(self.device, self.input_dtype).contiguous()
             self.context.set_input_shape(self.input_name, tuple(x.shape))
-            out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-            if self._out is None or tuple(self._out.shape) != out_shape:
-                self._out = torch.empty(out_shape, dtype=self.output_dtype, device=self.device)
+            shapes = [tuple(self.context.get_tensor_shape(n)) for n in self.output_names]
+            if [tuple(o.shape) for o in self._outs] != shapes:
+                self._outs = [torch.empty(s, dtype=d, device=self.device)
+                              for s, d in zip(shapes, self.output_dtypes, strict=True)]
+                self._out = self._outs[0] if len(self._outs) == 1 else tuple(self._outs)
             self.context.set_tensor_address(self.input_name, x.data_ptr())
-            self.context.set_tensor_address(self.output_name, self._out.data_ptr())
+            for name, out in zip(self.output_names, self._outs, strict=True):
+                self.context.set_tensor_address(name, out.data_ptr())
             self._inputs_alive = x  # keep the (possibly converted) input alive until the next call
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise DeploycompError(f"TensorRT failed to enqueue {self.path} (execute_async_v3 returned False)")
