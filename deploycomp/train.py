@@ -209,7 +209,8 @@ def evaluate(model, dataset, batch_size: int = 256, device=None, loss_fn=None, s
             n += len(y)
     model.train(was_training)
     check(n > 0, "the evaluation set is empty")
-    return {**meter.result(), "loss": loss_sum / n, "samples": n}
+    loss = loss_sum / n  # NaN: an end-to-end detector, whose losses exist in train mode only
+    return {**meter.result(), "loss": loss if loss == loss else None, "samples": n}
 
 
 def _default_task(logits):
@@ -302,6 +303,7 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
                 val = evaluate(model, val_set, device=device, samples=cfg.val_samples, description="validate",
                                task=task)
                 row.update({f"val_{k}": v for k, v in val.items() if k != "samples" and isinstance(v, (int, float))})
+                row.setdefault("val_loss", None)
             row["epoch"] = epoch + 1
             row["lr"] = scheduler.get_last_lr()[0]
             result.history.append(row)
@@ -387,7 +389,7 @@ def _epoch_line(row: dict[str, float], epochs: int, task) -> str:
         parts.append(f"train {row[f'train_{task.train_metric}']:.2f}%")
     if f"val_{task.metric}" in row:
         parts.append(f"val {task.label} {row[f'val_{task.metric}']:.2f}%")
-        if row.get("val_loss") == row.get("val_loss"):  # NaN for end-to-end detectors: no eval-mode loss
+        if row.get("val_loss") is not None:  # None for end-to-end detectors: no eval-mode loss
             parts.append(f"val loss {row['val_loss']:.4f}")
     parts.append(f"lr {row['lr']:.3g}")
     return "  ".join(parts)

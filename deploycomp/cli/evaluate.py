@@ -43,4 +43,4 @@ def evaluate(opts: dict) -> None:
         return
     label = " (synthetic data: meaningless)" if data.info.synthetic else ""
     console.result(f"{record['model']} on {data.info.name} test ({m['samples']:,} images){label}: "
-                   f"{data.task.summary(m)}  loss {m['loss']:.4f}")
+                   f"{data.task.summary(m)}" + (f"  loss {m['loss']:.4f}" if m["loss"] is not None else ""))
