@@ -527,15 +527,12 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
             test, info = load_dataset(name, "test", data_dir, input_size=hw)
             _check_channels(info, io, name)
             task = task_for_data(info)
-            check(not guard or task.name == "classification",
-                  f"--max-drop and --sensitivity rank layers by top-1 and support classification only so far; {name} "
-                  f"is a {task.name} dataset (quantize it without them: its {task.label} change is reported)")
 
     with contextlib.ExitStack() as stack:
         found_guard = None
         if guard:
             found_guard = _guard(src, opts, Path(stack.enter_context(tempfile.TemporaryDirectory())), max_drop,
-                                 sensitivity, rank_samples)
+                                 sensitivity, rank_samples, task)
         with atomic_path(out) as tmp:
             with console.status_line(f"converting {src} to {precision}"):
                 details = spec.convert(src, tmp, opts)
@@ -554,16 +551,17 @@ def quantize_onnx(onnx_path: str | os.PathLike, output: str | os.PathLike | None
 
 
 def _guard(src: Path, opts: QuantizeOptions, work: Path, max_drop: float | None, sensitivity: bool,
-           rank_samples: int) -> dict[str, Any]:
+           rank_samples: int, task=None) -> dict[str, Any]:
     """Rank the layers on a validation subset (and choose the float ones for ``max_drop``); sets ``opts``."""
     from deploycomp import sensitivity as sens
 
     batch = opts.model_batch or opts.calib_batch
     opts.ranges_cache = work / "ranges.json"  # one calibration for every variant and for the output
     val = sens.validation_subset(opts.dataset, max(opts.calib_samples, batch), rank_samples, seed=opts.seed)
-    with console.status_line(f"FP32 {sens.METRIC_KEY} on {len(val)} validation images"), sens._quietly():
-        fp32 = evaluate_onnx(src, val)[sens.METRIC_KEY]
-    found = sens.search(src, opts, val, work, fp32, max_drop, sensitivity)
+    metric = sens.metric_of(task)
+    with console.status_line(f"FP32 {metric} on {len(val)} validation images"), sens._quietly():
+        fp32 = evaluate_onnx(src, val, task=task)[metric]
+    found = sens.search(src, opts, val, work, fp32, max_drop, sensitivity, task)
     opts.extra_float_nodes = tuple(r["layer"] for r in found.get("float_layers", []))
     return found
 
@@ -576,11 +574,12 @@ def _finish_guard(found: dict[str, Any], src: Path, out: Path, record: dict[str,
     variants = found.pop("_variants", None)
     acc = record.get("accuracy")
     if max_drop is not None and acc is not None:
-        found["test_drop_points"] = acc["top1_drop_points"]
-        if acc["top1_drop_points"] > max_drop:
+        drop = acc[acc.get("metric", "top1_pct").removesuffix("_pct") + "_drop_points"]
+        found["test_drop_points"] = drop
+        if drop > max_drop:
             console.warn(f"--max-drop {max_drop:g} was met on the validation subset "
                          f"({found['validation_drop_points']:.2f} points) but the test split drops "
-                         f"{acc['top1_drop_points']:.2f}: the subset is small or unlike the test split; "
+                         f"{drop:.2f}: the subset is small or unlike the test split; "
                          "raise --rank-samples or lower --max-drop")
     if max_drop is not None and variants is not None:
         chosen = [r["layer"] for r in found["float_layers"]]

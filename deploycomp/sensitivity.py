@@ -34,7 +34,6 @@ from typing import Any
 from deploycomp import console
 from deploycomp.errors import UsageError, check
 
-METRIC_KEY = "top1_pct"  # what evaluate_onnx returns today (classification); a task's own metric later
 DEFAULT_RANK_SAMPLES = 2000  # validation images that rank the layers and decide the bound
 BENCH_LAYERS = 4  # --max-drop times each float layer on its own only up to this many of them
 
@@ -99,6 +98,7 @@ class Variants:
     opts: Any  # QuantizeOptions with ranges_cache set
     data: Any  # the validation subset
     work: Path
+    task: Any = None  # the deploycomp.tasks.Task whose headline metric ranks and bounds (None: classification)
     evaluations: int = 0
     paths: dict[tuple[str, ...], Path] = field(default_factory=dict)
     scores: dict[tuple[str, ...], float] = field(default_factory=dict)
@@ -121,7 +121,7 @@ class Variants:
         if key not in self.scores:
             path = self.path(key)
             with _quietly():
-                self.scores[key] = evaluate_onnx(path, self.data)[METRIC_KEY]
+                self.scores[key] = evaluate_onnx(path, self.data, task=self.task)[metric_of(self.task)]
             self.evaluations += 1
         return self.scores[key]
 
@@ -154,20 +154,25 @@ def smallest_prefix(meets: Callable[[int], bool], n: int) -> int:
     return hi
 
 
+def metric_of(task) -> str:
+    """The metric key that ranks layers and bounds the drop: the task's headline metric."""
+    return task.metric if task is not None else "top1_pct"
+
+
 def search(src: Path, opts, val, work: Path, fp32_score: float, max_drop: float | None,
-           sensitivity: bool) -> dict[str, Any]:
+           sensitivity: bool, task=None) -> dict[str, Any]:
     """Rank the layers and, with ``max_drop``, choose the float ones. Returns the record (see the module doc).
 
     Raises UsageError when even every layer in float misses ``max_drop`` (only FP32 meets it).
     """
     layers = candidate_layers(src, opts)
     check(len(layers) > 0, f"{src} has no quantized weighted layer (Conv/Gemm/MatMul) to keep in float")
-    variants = Variants(src, opts, val, work)
+    variants = Variants(src, opts, val, work, task=task)
     variants.evaluations = 1  # the FP32 evaluation the caller made
     full = variants.score([])
     drop_full = fp32_score - full
     record: dict[str, Any] = {
-        "metric": METRIC_KEY, "split": "train (validation subset, disjoint from calibration)",
+        "metric": metric_of(task), "split": "train (validation subset, disjoint from calibration)",
         "samples": len(val), "fp32": fp32_score, "int8": full, "int8_drop_points": drop_full,
         "layers_considered": len(layers), "max_drop_points": max_drop}
     need_ranking = sensitivity or (max_drop is not None and drop_full > max_drop)
@@ -184,9 +189,9 @@ def search(src: Path, opts, val, work: Path, fp32_score: float, max_drop: float 
         if fp32_score - variants.score(order) > max_drop:
             raise UsageError(
                 f"--max-drop {max_drop:g}: only FP32 meets it; with all {len(order)} weighted layers in float INT8 "
-                f"still loses {fp32_score - variants.score(order):.2f} points ({METRIC_KEY} on {len(val)} validation "
-                f"images; full INT8 loses {drop_full:.2f}); nothing written: use the FP32 model {src}, or allow "
-                "a larger drop")
+                f"still loses {fp32_score - variants.score(order):.2f} points ({metric_of(task)} on {len(val)} "
+                f"validation images; full INT8 loses {drop_full:.2f}); nothing written: use the FP32 model {src}, "
+                "or allow a larger drop")
         k = smallest_prefix(lambda k: fp32_score - variants.score(order[:k]) <= max_drop, len(order))
         chosen = order[:k]
     gains = {r["layer"]: r for r in ranking}

@@ -166,3 +166,15 @@ def test_mistakes_are_one_line(cli, trained, coco_dir, tiny_checkpoint):
     r = cli("eval", "--model", "maskrcnn_resnet50_fpn", "--data", "coco", "--data-dir", coco_dir, ok=False)
     assert_one_line_error(r, "fasterrcnn_resnet50_fpn")
     assert not Path("c.onnx").exists()
+
+
+def test_int8_sensitivity_ranks_layers_by_map(cli, trained, coco_dir):
+    cli("export", "--model", trained, "--data-dir", coco_dir, "--dynamic-batch", "-o", "d.onnx")
+    cli("quantize", "d.onnx", "-p", "int8", "--data-dir", coco_dir, "--calib-samples", "16", "--calib-batch", "8",
+        "--sensitivity", "--rank-samples", "16", "--no-bench", "-o", "q.onnx")
+    guard = _record("q.onnx")["quantization"]["guard"]
+    assert guard["metric"] == "map_pct" and guard["samples"] == 16
+    ranked = guard["sensitivity"]
+    assert ranked and [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    assert all(r["op_type"] == "Conv" for r in ranked)
+    assert Path("q.sensitivity.md").exists()

@@ -36,13 +36,14 @@ from deploycomp.cli.options import (
               help="INT8: keep no layer in float (by default the tensorrt target keeps the first convolution and "
                    "the classifier in float).")
 @click.option("--max-drop", "max_drop", type=float, default=None, metavar="POINTS",
-              help="INT8: keep the most sensitive weighted layers (Conv/Gemm/MatMul) in float until the top-1 drop "
-                   "against FP32 on a validation subset of the training split is at most POINTS; ranks every layer "
-                   "(one evaluation each), then bisects over how many to keep (at most N + 3 + log2 N evaluations), "
-                   "reports the test split and, for ort-cpu, times the result against full INT8 and FP32. A bound "
-                   "no INT8 variant meets is an error and writes nothing.")
+              help="INT8: keep the most sensitive weighted layers (Conv/Gemm/MatMul) in float until the drop of "
+                   "the task's metric (top-1, mIoU, mAP) against FP32 on a validation subset of the training "
+                   "split is at most POINTS; ranks every layer (one evaluation each), then bisects over how many "
+                   "to keep (at most N + 3 + log2 N evaluations), reports the test split and, for ort-cpu, times "
+                   "the result against full INT8 and FP32. A bound no INT8 variant meets is an error and writes "
+                   "nothing.")
 @click.option("--sensitivity", is_flag=True,
-              help="INT8: per layer, the top-1 gained when only that layer stays float; writes "
+              help="INT8: per layer, the metric (top-1, mIoU, mAP) gained when only that layer stays float; writes "
                    "OUTPUT.sensitivity.md, .json and .png beside the output.")
 @click.option("--rank-samples", type=int, default=None, callback=positive_int("--rank-samples"),
               help="--max-drop/--sensitivity: validation images from the training split (after the calibration "
@@ -59,11 +60,11 @@ def quantize(opts: dict) -> None:
     """Convert an FP32 ONNX model (from `deploycomp export`) to FP16 or INT8 Q/DQ.
 
     The dataset is --data or the one recorded in MODEL.onnx.json. INT8 calibrates on the training
-    split; both precisions report top-1 of the converted model against the FP32 one on the test
-    split with ONNX Runtime (CPU). INT8 is shaped for the runtime that will run it (--target): an
-    INT8 graph made for one runtime can be slower than FP32 on another. TensorRT 11 takes precision
-    only from the graph, so this is how FP16/INT8 engines are made
-    (`deploycomp build MODEL.int8-tensorrt.onnx`, or `deploycomp build MODEL.onnx --precision int8`).
+    split; both precisions report the task's metric (top-1, mIoU, mAP) of the converted model
+    against the FP32 one on the test split with ONNX Runtime (CPU). INT8 is shaped for the runtime
+    that will run it (--target): an INT8 graph made for one runtime can be slower than FP32 on
+    another. TensorRT 11 takes precision only from the graph, so this is how FP16/INT8 engines are
+    made (`deploycomp build MODEL.int8-tensorrt.onnx`, or `deploycomp build MODEL.onnx --precision int8`).
 
     \b
     Examples:
