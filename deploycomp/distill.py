@@ -30,6 +30,18 @@ def check_kd_params(temperature: float, alpha: float, lam: float) -> None:
                                 "give at least one of them a positive weight")
 
 
+def teacher_outputs(teacher, inputs):
+    """The teacher's outputs on ``inputs``: in eval mode, without gradients, moved to the inputs' device."""
+    import torch
+
+    first = next(teacher.parameters(), None)
+    if first is not None and first.device != inputs.device:
+        teacher.to(inputs.device)
+    teacher.eval()
+    with torch.no_grad():
+        return teacher(inputs)
+
+
 def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 0.5,
             ignore_index: int | None = None) -> LossFn:
     """A ``fit()`` loss ``(logits, inputs, targets) -> alpha * T^2 * KL(t || s) + lam * CE(s, y)``.
@@ -49,19 +61,13 @@ def kd_loss(teacher, temperature: float = 2.0, alpha: float = 0.5, lam: float = 
     t2 = float(temperature) ** 2
 
     def loss(logits, inputs, targets):
-        import torch
         import torch.nn.functional as F
 
         hard = F.cross_entropy(logits, targets, ignore_index=-100 if ignore_index is None else ignore_index) \
             if lam else None
         if not alpha:
             return lam * hard
-        first = next(teacher.parameters(), None)
-        if first is not None and first.device != inputs.device:
-            teacher.to(inputs.device)
-        teacher.eval()
-        with torch.no_grad():
-            t_logits = teacher(inputs)
+        t_logits = teacher_outputs(teacher, inputs)
         if t_logits.shape != logits.shape:
             raise UsageError(f"the teacher's outputs have shape {tuple(t_logits.shape)} but the student's have "
                              f"{tuple(logits.shape)}; teacher and student must predict the same classes")

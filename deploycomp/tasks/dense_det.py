@@ -175,6 +175,7 @@ def distillation_loss(teacher, temperature: float, alpha: float, lam: float):
     import torch.nn.functional as F
     from torchvision.ops import generalized_box_iou_loss
 
+    from deploycomp.distill import teacher_outputs
     from deploycomp.errors import UsageError
 
     def factory(student):
@@ -182,12 +183,7 @@ def distillation_loss(teacher, temperature: float, alpha: float, lam: float):
             hard = student.detection_loss(inputs, targets, outputs) if lam else None
             if not alpha:
                 return lam * hard
-            first = next(teacher.parameters(), None)
-            if first is not None and first.device != inputs.device:
-                teacher.to(inputs.device)
-            teacher.eval()
-            with torch.no_grad():
-                t = teacher(inputs)
+            t = teacher_outputs(teacher, inputs)
             if not isinstance(t, torch.Tensor) or t.shape != outputs.shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else "post-processed detections"
                 raise UsageError(f"the teacher returns {got} where the student returns {tuple(outputs.shape)}: "
