@@ -265,7 +265,10 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
         sampler = torch.utils.data.distributed.DistributedSampler(train_set, dist.world, dist.rank, seed=cfg.seed)
         loader = torch.utils.data.DataLoader(train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.workers)
     else:
-        loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers)
+        # A last batch of one image is dropped: BatchNorm in train mode cannot normalise it (SSDlite's 1x1
+        # maps, any BatchNorm1d) and its statistics would be noise. Other sizes keep every image.
+        loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers,
+                             drop_last=len(train_set) % cfg.batch_size == 1 and len(train_set) > 1)
     steps_per_epoch = len(loader)
     check(steps_per_epoch > 0, "the training set is empty")
     scheduler = SCHEDULES.get(cfg.schedule)(optimizer, cfg.epochs * steps_per_epoch)

@@ -117,3 +117,21 @@ def test_val_samples_validate_on_a_subset_but_test_means_the_whole_split(tmp_pat
     ckpt = load_model(str(tmp_path / "m.pt"))
     assert ckpt.metadata["metrics"]["test"]["samples"] == len(test) > 16
     assert record["test"]["top1_pct"] == evaluate(ckpt.model, test, device="cpu")["top1_pct"]
+
+
+def test_a_last_batch_of_one_image_is_dropped_not_a_batchnorm_crash():
+    import torch
+    import torch.nn as nn
+
+    from deploycomp.train import TrainConfig, fit
+
+    class Five:
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.full((4,), float(i)), i % 2
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    result = fit(model, Five(), None, TrainConfig(epochs=1, batch_size=4, optimizer="adam", lr=1e-3, device="cpu"))
+    assert len(result.history) == 1 and result.history[0]["train_loss"] > 0
