@@ -136,11 +136,12 @@ def build_script(target: Target, commands: dict[int, dict[str, list[str]]], mode
 
 def readme(target: Target, manifest: dict[str, Any], commands: dict[int, dict[str, list[str]]]) -> str:
     pre = manifest["preprocessing"]
-    rows = ["| file | precision | size (MiB) | top-1 (%) on the test split, ONNX Runtime CPU |", "|---|---|---|---|"]
+    metric, label = manifest.get("metric", "top1_pct"), manifest.get("metric_label", "top-1")
+    rows = [f"| file | precision | size (MiB) | {label} (%) on the test split, ONNX Runtime CPU |", "|---|---|---|---|"]
     for precision, entry in manifest["models"].items():
-        top1 = entry.get("top1_pct")
+        score = entry.get(metric)
         rows.append(f"| {entry['file']} | {precision} | {entry['size_mib']:.2f} | "
-                    f"{'-' if top1 is None else f'{top1:.2f}'} |")
+                    f"{'-' if score is None else f'{score:.2f}'} |")
     cmds = []
     for major, per_precision in commands.items():
         cmds.append(f"TensorRT {major}:\n\n```bash")
@@ -267,17 +268,20 @@ def _relative_paths(work: Path) -> None:
 
 def _manifest(ckpt, tgt: Target, records, files, work: Path, pre, profile, commands) -> dict[str, Any]:
     fp32 = records["fp32"]
+    measured = [r["accuracy"] for r in records.values() if r.get("accuracy")]
+    metric = measured[0].get("metric", "top1_pct") if measured else "top1_pct"  # the task's: top-1, mIoU, mAP
+    label = measured[0].get("label", "top-1") if measured else "top-1"
     models = {}
     for p, f in files.items():
         acc = records[p].get("accuracy") or {}
         models[p] = {"file": f, "size_mib": (work / f).stat().st_size / 2**20,
-                     "top1_pct": acc.get("top1_pct") if p != "fp32" else acc.get("fp32_top1_pct"),
+                     metric: acc.get(metric) if p != "fp32" else acc.get(f"fp32_{metric}"),
                      "accuracy": acc or None, "parity_vs_fp32": records[p].get("parity_vs_fp32")}
-    fp32_acc = next((r["accuracy"]["fp32_top1_pct"] for r in records.values() if r.get("accuracy")), None)
-    if "fp32" in models and models["fp32"]["top1_pct"] is None:
-        models["fp32"]["top1_pct"] = fp32_acc
+    if "fp32" in models and models["fp32"][metric] is None and measured:
+        models["fp32"][metric] = measured[0][f"fp32_{metric}"]
     return {
-        "format": "deploycomp.bundle", "deploycomp": __version__, "target": tgt.name,
+        "format": "deploycomp.bundle", "deploycomp": __version__, "target": tgt.name, "task": fp32.get("task"),
+        "metric": metric, "metric_label": label,
         "model": ckpt.name, "arch": ckpt.arch, "source": ckpt.source, "source_sha256": fp32.get("source_sha256"),
         "models": models, "preprocessing": pre, "profile": profile.as_dict() if profile else None,
         "export_parity": fp32.get("parity"), "macs": fp32.get("macs"), "params_total": fp32.get("params_total"),

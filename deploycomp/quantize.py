@@ -254,6 +254,9 @@ def _to_fp16(src: Path, dst: Path, opts: QuantizeOptions) -> dict[str, Any]:
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
+    # The exporter's intermediate type annotations go: the converter trusts them over the types it gives, and a
+    # node it keeps in float (Resize, NMS, TopK) feeding a converted one then gets a cast ONNX Runtime rejects.
+    del model.graph.value_info[:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning per weight clipped to the FP16 range; summarised below
         converted = float16.convert_float_to_float16(model, keep_io_types=True)

@@ -178,3 +178,14 @@ def test_int8_sensitivity_ranks_layers_by_map(cli, trained, coco_dir):
     assert ranked and [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
     assert all(r["op_type"] == "Conv" for r in ranked)
     assert Path("q.sensitivity.md").exists()
+
+
+def test_bundle_reports_map(cli, trained, coco_dir):
+    r = cli("bundle", "--model", trained, "--data-dir", coco_dir, "--calib-samples", "16", "--eval-samples", "8",
+            "-o", "b")
+    assert "(mAP: fp32" in r.output
+    manifest = json.loads(Path("b/bundle.json").read_text())
+    assert manifest["task"] == "detection" and manifest["metric"] == "map_pct"
+    assert set(manifest["models"]) == {"fp32", "fp16", "int8"}
+    assert all(m["map_pct"] is not None for m in manifest["models"].values())
+    assert "mAP (%)" in Path("b/README.md").read_text()

@@ -66,6 +66,7 @@ def bundle(opts: dict) -> None:
     if opts["as_json"]:
         print_json(manifest)
         return
-    figures = ", ".join(f"{p} {m['top1_pct']:.2f}%" for p, m in manifest["models"].items() if m["top1_pct"] is not None)
+    metric = manifest["metric"]
+    figures = ", ".join(f"{p} {m[metric]:.2f}%" for p, m in manifest["models"].items() if m.get(metric) is not None)
     console.result(f"wrote {manifest['output']}/ for {manifest['target']}: {', '.join(manifest['files'])}"
-                   + (f" (top-1: {figures})" if figures else ""))
+                   + (f" ({manifest['metric_label']}: {figures})" if figures else ""))
