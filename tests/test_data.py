@@ -11,7 +11,8 @@ from tests.conftest import needs_fmnist
 
 
 def test_registry():
-    assert list_datasets() == ["cifar10", "fashion-mnist", "fashion-scenes", "imagefolder", "synthetic", "voc"]
+    assert list_datasets() == ["cifar10", "coco", "fashion-mnist", "fashion-scenes", "fashion-scenes-det",
+                               "imagefolder", "synthetic", "voc"]
 
 
 @needs_fmnist
