@@ -105,10 +105,12 @@ def _fail(error, cause: BaseException):
 @click.version_option(__version__, "--version", prog_name="deploycomp")
 @verbosity_options
 def cli() -> None:
-    """Prune, distill, export, quantize and benchmark CNNs for deployment.
+    """Prune, distill, export, quantize and benchmark vision models for deployment.
 
-    Every command works on the shipped Fashion-MNIST baseline when no --model is given.
-    -v/-q work before or after the command name.
+    Classifiers, semantic segmenters and object detectors (the task comes from the data or the
+    model: docs/tasks.md). Every command works on the shipped Fashion-MNIST baseline when no --model
+    is given; models/light_unet_scenes.pt and models/light_det_scenes.pt are the shipped segmenter
+    and detector. -v/-q work before or after the command name.
     """
 
 
