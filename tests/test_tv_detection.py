@@ -173,9 +173,12 @@ def test_forward_in_train_mode_returns_detections_and_updates_batchnorm(name):
 def test_detection_loss_trains_and_restores_the_mode(name):
     w = _detector(name)
     x = torch.randn(2, 1, SIZE, SIZE)
+    bn = next(m for m in w.modules() if isinstance(m, nn.BatchNorm2d))
+    before = bn.running_mean.clone()
     loss = w.detection_loss(x, _targets())
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     assert not w.training  # eval before, eval after
+    assert torch.equal(bn.running_mean, before)  # Taylor's gradients (eval mode) leave BatchNorm's statistics
     loss.backward()
     grads = [m.weight.grad for m in protected_layers(w)]  # (a level that no box matches may get zeros)
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0

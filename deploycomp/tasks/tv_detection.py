@@ -131,9 +131,14 @@ class TorchvisionDetector(nn.Module):
 
     def detection_loss(self, images, targets, outputs=None):
         """The sum of the model's training losses on ``targets`` (N, M, 5) rows ``[label, x1, y1, x2, y2]``
-        (label -1: padding); ``outputs`` is not used (the model computes its losses in its own forward)."""
+        (label -1: padding); ``outputs`` is not used (the model computes its losses in its own forward).
+        Called in eval mode (Taylor's gradients), BatchNorm stays in eval mode: its statistics are not moved."""
         was_training = self.training
         self.train()
+        if not was_training:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         try:
             losses = self.model(list(self._rgb(images)), torchvision_targets(targets, self.label_offset))
         finally:
