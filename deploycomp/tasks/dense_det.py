@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 
 RADIUS = 2.5  # center sampling radius, in strides (FCOS)
+# Post-processing defaults (det_post and the detection task; here because this module imports nothing heavy)
+MAX_DET, SCORE_THRESHOLD, IOU_THRESHOLD, PRE_NMS_TOP_K = 100, 0.05, 0.5, 1000
 BOX_WEIGHT = 2.0
 PRIOR_PROB = 0.01  # initial class probability (RetinaNet's prior)
 

@@ -46,8 +46,8 @@ import torch.nn as nn
 from torchvision.ops import box_iou, nms  # here, not in nms_indices: torchvision cannot load inside a trace
 
 from deploycomp.errors import check
+from deploycomp.tasks.dense_det import IOU_THRESHOLD, MAX_DET, PRE_NMS_TOP_K, SCORE_THRESHOLD
 
-MAX_DET, SCORE_THRESHOLD, IOU_THRESHOLD, PRE_NMS_TOP_K = 100, 0.05, 0.5, 1000
 OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels")
 RAW_OUTPUT_NAMES = ("raw",)
 
