@@ -78,6 +78,12 @@ class TrainingInterrupted(DeploycompError):
 # -- registries ------------------------------------------------------------------------------------
 
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer")
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}  # --lr when none is given
+
+
+def default_lr(optimizer: str) -> float:
+    OPTIMIZERS.get(optimizer)  # an unknown name: the registry's one-line error
+    return DEFAULT_LR[optimizer]
 SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule")
 
 
@@ -85,7 +91,7 @@ SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule")
 def _sgd(params, cfg: TrainConfig):
     import torch
 
-    return torch.optim.SGD(params, lr=cfg.lr or 0.1, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    return torch.optim.SGD(params, lr=cfg.lr or DEFAULT_LR["sgd"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.momentum > 0)
 
 
@@ -93,14 +99,14 @@ def _sgd(params, cfg: TrainConfig):
 def _adam(params, cfg: TrainConfig):
     import torch
 
-    return torch.optim.Adam(params, lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr or DEFAULT_LR["adam"], weight_decay=cfg.weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
 def _adamw(params, cfg: TrainConfig):
     import torch
 
-    return torch.optim.AdamW(params, lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay or 0.05)
+    return torch.optim.AdamW(params, lr=cfg.lr or DEFAULT_LR["adamw"], weight_decay=cfg.weight_decay or 0.05)
 
 
 @SCHEDULES.register("cosine")
@@ -228,7 +234,7 @@ Penalty = Callable[[Any], Any]  # (model) -> scalar added to the loss (e.g. L1 o
 def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
         penalties: Sequence[Penalty] = (), resume_path: str | os.PathLike | None = None, resume: bool = False,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, keep_resume: bool = False,
-        task=None) -> FitResult:
+        task=None, after_epoch: Callable[[], None] | None = None) -> FitResult:
     """Train ``model`` in place on ``train_set``; evaluate on ``val_set`` after each epoch.
 
     Args:
@@ -239,6 +245,8 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
         keep_resume: leave the resume state for the caller to delete once the trained model is saved (so that
             an interruption between the end of training and that save loses nothing).
         on_epoch_end: called with ``(epoch, row)`` after each epoch (on the main process).
+        after_epoch: called on every process after each epoch's training, before its validation (QAT re-measures
+            its activation ranges there, so that the validation sees the ranges of the new weights).
         task: the :class:`deploycomp.tasks.Task` (its loss, running accuracy and metrics); None: classification.
     """
     import torch
@@ -302,6 +310,8 @@ def fit(model, train_set, val_set=None, config: TrainConfig | None = None, *, lo
                 loader.generator.manual_seed(cfg.seed + epoch)
             row = _train_one_epoch(net, model, loader, optimizer, scheduler, scaler, criterion, penalties, device,
                                    use_amp, channels_last, f"epoch {epoch + 1}/{cfg.epochs}", dist.main, task)
+            if after_epoch is not None:
+                after_epoch()
             if val_set is not None and dist.main:
                 val = evaluate(model, val_set, device=device, samples=cfg.val_samples, description="validate",
                                task=task)

@@ -279,6 +279,9 @@ def describe_steps(v: dict[str, Any]) -> str:
         ft_text = "no fine-tune" if "finetune" in p and p["finetune"] is None else \
             f"fine-tune {ft.get('epochs', 1)} ep"
         parts.append(f"prune {p.get('method', 'magnitude')} {amount}, {ft_text}")
+    q = v.get("qat")
+    if q:
+        parts.append(f"QAT for {q.get('target') or 'ort-cpu'}, {q.get('epochs', 1)} ep")
     return " -> ".join(parts)
 
 

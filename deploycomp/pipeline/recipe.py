@@ -159,6 +159,13 @@ def validate_values(study: Study, base_dir: Path) -> None:
             _checked(w, f"{at}.distill", v["distill"], lambda v=v: _distill_params(v["distill"]))
         if v.get("prune"):
             _checked(w, f"{at}.prune", v["prune"], lambda v=v: prune_config(v["prune"], None).validate())
+        if v.get("qat"):
+            from deploycomp.quantize import INT8_TARGETS
+
+            q = dict(v["qat"])
+            _registered(w, f"{at}.qat.target", q.pop("target", None), INT8_TARGETS)
+            q.pop("all_layers", None)
+            _checked(w, f"{at}.qat", v["qat"], lambda q=q: train_config(q).validate())
     if o.get("export") is not None:
         from deploycomp.export import resolve_exporter
 

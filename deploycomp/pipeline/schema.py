@@ -33,7 +33,7 @@ class RecipeError(UsageError):
 
 
 # The steps a variant may take, in the order they run (sparsity training before the pruning it prepares).
-VARIANT_STEPS = ("train", "distill", "prune")
+VARIANT_STEPS = ("train", "distill", "prune", "qat")  # qat last: it fine-tunes the final weights for INT8
 
 Section = type[pydantic.BaseModel]  # one mapping of a recipe: its name is the model's __name__
 _CONFIG = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -116,6 +116,13 @@ def _train_section(name: str = "train") -> Section:
     })
 
 
+def _qat_section() -> Section:
+    from deploycomp.train import TrainConfig
+
+    # quantization-aware fine-tuning (`deploycomp train --qat TARGET`): the train options plus the target
+    return _section("qat", TrainConfig, drop=("device",), add={"target": str, "all_layers": bool})
+
+
 def _prune_section() -> Section:
     from deploycomp.prune import PruneConfig
 
@@ -172,7 +179,8 @@ def _study_fields() -> dict[str, Any]:
     data = _model("data", {"name": str, "dir": str, "input_size": tuple[int, int], "eval_samples": int,
                            "eval_batch": int})
     variant = _model("variant", {"name": str, "description": str, "train": _train_section(),
-                                 "distill": _distill_section(), "prune": _prune_section()}, required=("name",))
+                                 "distill": _distill_section(), "prune": _prune_section(), "qat": _qat_section()},
+                     required=("name",))
     # arch: the user code a `model` checkpoint was built from, or the architecture of a plain state dict (--arch)
     return {"name": str, "description": str, "scale": str, "model": str, "arch": str,
             "train": _train_section() | None,

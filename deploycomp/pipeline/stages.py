@@ -142,14 +142,19 @@ def _fresh_model(name: str, run: StageRun):
     return ckpt
 
 
-def _fit_stage(run: StageRun, ckpt, config, *, loss_fn=None, penalties=(), op: str, lineage: dict) -> dict:
-    """Train ``ckpt.model`` with the one shared ``fit()``; resumable from the stage directory."""
+def _fit_stage(run: StageRun, ckpt, config, *, loss_fn=None, penalties=(), op: str, lineage: dict,
+               after_epoch=None, finish=None) -> dict:
+    """Train ``ckpt.model`` with the one shared ``fit()``; resumable from the stage directory.
+    ``after_epoch`` / ``finish``: as in :func:`deploycomp.workflows.run_training` (QAT's)."""
     from deploycomp.train import fit
 
     ds = run.data(need_train=True)
     resume_path = run.dir / "train.resume.pt"
     result = fit(ckpt.model, ds.train, None, config, loss_fn=loss_fn, penalties=penalties,
-                 resume_path=resume_path, resume=resume_path.exists(), keep_resume=True, task=ds.task)
+                 resume_path=resume_path, resume=resume_path.exists(), keep_resume=True, task=ds.task,
+                 after_epoch=after_epoch)
+    if finish is not None:
+        finish(ckpt)
     params = {"dataset": ds.info.name, **dataclasses.asdict(config), **lineage}
     ckpt.add_lineage(op, **params)
     _save_model(ckpt, run)
@@ -219,6 +224,25 @@ def _teacher(run: StageRun):
     if not _looks_like_path(ref):
         return _fresh_model(ref, run)
     return load_model(ref, arch=run.ref("teacher_arch"), code_option="the recipe key distill.teacher_arch:")
+
+
+@register_stage("qat", MODEL_FILE, produces_model=True)
+def _stage_qat(run: StageRun) -> dict[str, Any]:
+    """Quantization-aware fine-tuning of the previous model for an INT8 target (``deploycomp train --qat``)."""
+    from deploycomp.qat import DEFAULT_EPOCHS, LR_FACTOR, qat_setup
+    from deploycomp.train import default_lr
+
+    o = dict(run.options)
+    target, all_layers = o.pop("target", None) or "ort-cpu", bool(o.pop("all_layers", False))
+    ckpt = run.load_parent_checkpoint()
+    prepare, after_epoch, finish, lineage = qat_setup(target, all_layers=all_layers, data_dir=run.study.data_dir)
+    prepare(ckpt, run.data(need_train=True))
+    config = train_config({"epochs": DEFAULT_EPOCHS, **o}, run.study.device)
+    if config.lr is None:
+        config.lr = LR_FACTOR * default_lr(config.optimizer)
+    console.info(f"{run.stage.label}: quantization-aware training for {target}, {config.epochs} epoch(s), "
+                 f"lr {config.lr:g}")
+    return _fit_stage(run, ckpt, config, op="qat", lineage=lineage, after_epoch=after_epoch, finish=finish)
 
 
 @register_stage("prune", MODEL_FILE, produces_model=True)
