@@ -565,7 +565,7 @@ def _guard(src: Path, opts: QuantizeOptions, work: Path, max_drop: float | None,
     with console.status_line(f"FP32 {metric} on {len(val)} validation images"), sens._quietly():
         fp32 = evaluate_onnx(src, val, task=task)[metric]
     found = sens.search(src, opts, val, work, fp32, max_drop, sensitivity, task)
-    opts.extra_float_nodes = tuple(r["layer"] for r in found.get("float_layers", []))
+    opts.extra_float_nodes = tuple(n for r in found.get("float_layers", []) for n in r["nodes"])
     return found
 
 
@@ -585,7 +585,7 @@ def _finish_guard(found: dict[str, Any], src: Path, out: Path, record: dict[str,
                          f"{drop:.2f}: the subset is small or unlike the test split; "
                          "raise --rank-samples or lower --max-drop")
     if max_drop is not None and variants is not None:
-        chosen = [r["layer"] for r in found["float_layers"]]
+        chosen = found["float_layers"]
         if not bench:
             found["speed"] = None
         elif record["quantization"]["target"] != "ort-cpu":

@@ -1,10 +1,15 @@
 """INT8 that keeps its accuracy: per-layer quantization sensitivity, and ``--max-drop`` (layers back to float).
 
 Post-training INT8 costs some models (depthwise convolutions, hard-swish, SiLU) a point or more. Most of
-that loss usually sits in a few layers. Here a *layer* is a weighted operator of the graph (Conv,
-ConvTranspose, Gemm, MatMul: the ones whose weights are quantized) that the target quantizes; keeping it
-"in float" means quantizing the model with that node in onnxruntime's ``nodes_to_exclude``, so its Q/DQ
-go and it runs in FP32 (for ``ort-cpu`` the neighbouring integer operators stay INT8).
+that loss usually sits in a few layers. A *candidate* is what can be kept "in float": quantizing the
+model with its nodes in onnxruntime's ``nodes_to_exclude``, so their Q/DQ go and they run in FP32.
+Candidates are
+
+* each weighted operator the target quantizes (Conv, ConvTranspose, Gemm, MatMul: a *layer*), and
+* for a target that also quantizes the operators between them (``ort-cpu``: Add, Mul, Sigmoid,
+  GlobalAveragePool, Concat, ...), each such operator *type* as one group ("every Mul"): squeeze-excite
+  and SiLU/hard-swish products lose INT8 accuracy there, not in the convolutions, and a group keeps the
+  number of candidates (and evaluations) small.
 
 * Sensitivity: the metric on a *validation* subset when only one layer stays float, minus the metric of
   the fully quantized model (points gained by keeping that layer in float). One quantization and one
@@ -70,14 +75,29 @@ def validation_subset(train, skip: int, n: int, seed: int = 0):
     return torch.utils.data.Subset(train, idx.tolist())
 
 
-def candidate_layers(src: Path, opts) -> list[tuple[str, str]]:
-    """(node name, op type) of the weighted operators the target quantizes, in graph order."""
+@dataclass(frozen=True)
+class Candidate:
+    """What --max-drop may keep in float: one weighted layer, or every node of one operator type."""
+
+    name: str  # the node's name, or "every Mul (12 nodes)"
+    op_type: str
+    nodes: tuple[str, ...]
+
+    @property
+    def is_group(self) -> bool:
+        return len(self.nodes) != 1 or self.nodes[0] != self.name
+
+
+def candidate_layers(src: Path, opts) -> list[Candidate]:
+    """The weighted operators the target quantizes, in graph order, then (for a target that quantizes every
+    operator onnxruntime has an integer kernel for) one group per other quantized operator type."""
     import tempfile
 
     import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from deploycomp.quantize import INT8_TARGETS, WEIGHTED_OPS
+    from deploycomp.quantize import INT8_TARGETS, WEIGHTED_OPS, postprocessing_nodes
 
     target = INT8_TARGETS.get(opts.target)
     with tempfile.TemporaryDirectory() as work:
@@ -86,8 +106,18 @@ def candidate_layers(src: Path, opts) -> list[tuple[str, str]]:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
     kept = set() if opts.quantize_all_layers else set(target.float_layers(model))
-    return [(n.name, n.op_type) for n in model.graph.node
-            if n.op_type in WEIGHTED_OPS and n.name and n.name not in kept]
+    kept |= set(postprocessing_nodes(model))
+    nodes = [n for n in model.graph.node if n.name and n.name not in kept]
+    found = [Candidate(n.name, n.op_type, (n.name,)) for n in nodes if n.op_type in WEIGHTED_OPS]
+    if target.op_types is None:  # onnxruntime's default set: the operators between the layers are INT8 too
+        quantized = (set(QDQRegistry) | set(QLinearOpsRegistry)) - set(WEIGHTED_OPS)
+        by_type: dict[str, list[str]] = {}
+        for n in nodes:
+            if n.op_type in quantized:
+                by_type.setdefault(n.op_type, []).append(n.name)
+        found += [Candidate(f"every {op} ({len(names)} node{'s' if len(names) > 1 else ''})", op, tuple(names))
+                  for op, names in by_type.items()]
+    return found
 
 
 @dataclass
@@ -126,16 +156,16 @@ class Variants:
         return self.scores[key]
 
 
-def rank_layers(variants: Variants, layers: list[tuple[str, str]], full_score: float) -> list[dict[str, Any]]:
-    """Per layer, the points gained on the validation subset when only it stays float; most sensitive first."""
+def rank_layers(variants: Variants, layers: list[Candidate], full_score: float) -> list[dict[str, Any]]:
+    """Per candidate, the points gained on the validation subset when only it stays float; most sensitive first."""
     rows = []
-    for i, (name, op) in enumerate(layers):
-        score = variants.score([name])
-        rows.append({"layer": name, "op_type": op, "graph_index": i, "score_float_only": score,
-                     "gain_points": score - full_score})
-        console.debug(f"  {name}: {score - full_score:+.2f} points in float")
+    for i, c in enumerate(layers):
+        score = variants.score(c.nodes)
+        rows.append({"layer": c.name, "op_type": c.op_type, "graph_index": i, "score_float_only": score,
+                     "gain_points": score - full_score, **({"nodes": list(c.nodes)} if c.is_group else {})})
+        console.debug(f"  {c.name}: {score - full_score:+.2f} points in float")
         if (i + 1) % 10 == 0 or i + 1 == len(layers):
-            console.info(f"sensitivity: {i + 1}/{len(layers)} layers evaluated")
+            console.info(f"sensitivity: {i + 1}/{len(layers)} candidates evaluated")
     rows.sort(key=lambda r: (-r["gain_points"], r["graph_index"]))
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
@@ -167,6 +197,7 @@ def search(src: Path, opts, val, work: Path, fp32_score: float, max_drop: float 
     """
     layers = candidate_layers(src, opts)
     check(len(layers) > 0, f"{src} has no quantized weighted layer (Conv/Gemm/MatMul) to keep in float")
+    nodes_of = {c.name: c.nodes for c in layers}
     variants = Variants(src, opts, val, work, task=task)
     variants.evaluations = 1  # the FP32 evaluation the caller made
     full = variants.score([])
@@ -174,7 +205,8 @@ def search(src: Path, opts, val, work: Path, fp32_score: float, max_drop: float 
     record: dict[str, Any] = {
         "metric": metric_of(task), "split": "train (validation subset, disjoint from calibration)",
         "samples": len(val), "fp32": fp32_score, "int8": full, "int8_drop_points": drop_full,
-        "layers_considered": len(layers), "max_drop_points": max_drop}
+        "layers_considered": len(layers), "groups_considered": sum(c.is_group for c in layers),
+        "max_drop_points": max_drop}
     need_ranking = sensitivity or (max_drop is not None and drop_full > max_drop)
     ranking = rank_layers(variants, layers, full) if need_ranking else []
     if sensitivity:
@@ -184,35 +216,50 @@ def search(src: Path, opts, val, work: Path, fp32_score: float, max_drop: float 
         return record
     record["evaluation_bound"] = len(layers) + 3 + math.ceil(math.log2(max(len(layers), 1)))
     chosen: list[str] = []
+
+    def float_nodes(names: list[str]) -> list[str]:
+        return [n for name in names for n in nodes_of[name]]
+
     if drop_full > max_drop:
         order = [r["layer"] for r in ranking]
-        if fp32_score - variants.score(order) > max_drop:
-            raise UsageError(
-                f"--max-drop {max_drop:g}: only FP32 meets it; with all {len(order)} weighted layers in float INT8 "
-                f"still loses {fp32_score - variants.score(order):.2f} points ({metric_of(task)} on {len(val)} "
-                f"validation images; full INT8 loses {drop_full:.2f}); nothing written: use the FP32 model {src}, "
-                "or allow a larger drop")
-        k = smallest_prefix(lambda k: fp32_score - variants.score(order[:k]) <= max_drop, len(order))
+        groups = sum(c.is_group for c in layers)
+        what = f"{len(order) - groups} weighted layers" + (f" and {groups} operator groups" if groups else "")
+        all_float = fp32_score - variants.score(float_nodes(order))
+        if all_float > max_drop:
+            _only_fp32(max_drop, f"with all {what} in float INT8 still loses {all_float:.2f} points", task, val,
+                       drop_full, src)
+        k = smallest_prefix(lambda k: fp32_score - variants.score(float_nodes(order[:k])) <= max_drop, len(order))
+        if k == len(order):  # nothing is left INT8 but what no candidate covers: that is the FP32 model
+            _only_fp32(max_drop, f"only all {what} in float meet it, and that is the FP32 model", task, val,
+                       drop_full, src)
         chosen = order[:k]
     gains = {r["layer"]: r for r in ranking}
+    final = variants.score(float_nodes(chosen))
     record.update({
         "float_layers": [{"layer": n, "op_type": gains[n]["op_type"], "rank": gains[n]["rank"],
-                          "gain_points": gains[n]["gain_points"]} for n in chosen],
-        "validation_score": variants.score(chosen), "validation_drop_points": fp32_score - variants.score(chosen),
+                          "gain_points": gains[n]["gain_points"], "nodes": list(nodes_of[n])} for n in chosen],
+        "validation_score": final, "validation_drop_points": fp32_score - final,
         "evaluations": variants.evaluations, "search": "sensitivity ranking, then bisection over the prefix length"})
     record["_variants"] = variants  # for the speed comparison; removed before the sidecar is written
     return record
 
 
-def speed(fp32: Path, variants: Variants, chosen: list[str], sessions: int = 2) -> dict[str, Any]:
-    """Paired ort-cpu latency of FP32, full INT8, the guarded model and (up to BENCH_LAYERS) each float layer alone."""
+def _only_fp32(max_drop: float, why: str, task, val, drop_full: float, src: Path):
+    raise UsageError(f"--max-drop {max_drop:g}: only FP32 meets it; {why} ({metric_of(task)} on {len(val)} "
+                     f"validation images; full INT8 loses {drop_full:.2f}); nothing written: use the FP32 model "
+                     f"{src}, or allow a larger drop")
+
+
+def speed(fp32: Path, variants: Variants, chosen: list[dict[str, Any]], sessions: int = 2) -> dict[str, Any]:
+    """Paired ort-cpu latency of FP32, full INT8, the guarded model and (up to BENCH_LAYERS) each float candidate
+    alone; ``chosen`` are the guard's ``float_layers`` entries (``layer``, ``nodes``)."""
     from deploycomp.bench import BenchConfig, benchmark
 
     arts = [("fp32", fp32), ("int8", variants.path([]))]
     if chosen:
-        arts.append(("guarded", variants.path(chosen)))
+        arts.append(("guarded", variants.path([n for c in chosen for n in c["nodes"]])))
         if 1 < len(chosen) <= BENCH_LAYERS:
-            arts += [(f"float:{n}", variants.path([n])) for n in chosen]
+            arts += [(f"float:{c['layer']}", variants.path(c["nodes"])) for c in chosen]
     config = BenchConfig(backend="ort", device="cpu", sessions=sessions, rounds=6, duration_s=0.3, threads=1)
     with console.status_line(f"timing {len(arts)} models on ort-cpu (paired)"):
         results = benchmark([str(p) for _, p in arts], config, names=[n for n, _ in arts])
@@ -236,7 +283,7 @@ def summary_lines(guard: dict[str, Any]) -> list[str]:
     if guard.get("max_drop_points") is not None:
         layers = guard.get("float_layers") or []
         lines.append(f"--max-drop {guard['max_drop_points']:g}: {len(layers)} of {guard['layers_considered']} "
-                     f"weighted layers kept in float; validation drop {guard['validation_drop_points']:.2f} points "
+                     f"candidates kept in float; validation drop {guard['validation_drop_points']:.2f} points "
                      f"(full INT8 {guard['int8_drop_points']:.2f}) on {guard['samples']} images, "
                      f"{guard['evaluations']} evaluations (bound {guard['evaluation_bound']})")
         models = (guard.get("speed") or {}).get("models", {})
@@ -266,7 +313,8 @@ def markdown(record: dict[str, Any], model: str) -> str:
     lines = [f"# INT8 sensitivity of {model}", "",
              f"{record['metric']} on {record['samples']} validation images ({record['split']}): FP32 "
              f"{record['fp32']:.2f}, full INT8 {record['int8']:.2f} ({record['int8_drop_points']:+.2f} points drop).",
-             "Gain: points won back when only that layer stays float (everything else INT8).", "",
+             "Gain: points won back when only that layer (or every node of that operator type) stays float "
+             "(everything else INT8).", "",
              "| rank | layer | op | float-only score | gain (points) |", "|---:|---|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['rank']} | `{r['layer']}` | {r['op_type']} | {r['score_float_only']:.2f} | "

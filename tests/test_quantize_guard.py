@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploycomp import console
@@ -142,11 +143,11 @@ def test_bad_max_drop_is_one_line_error(cli, outlier_onnx, value, fragment):
 
 
 def test_max_drop_only_fp32_meets_is_one_line_error(cli, outlier_onnx):
-    """ort-cpu also quantizes the Add that carries the outlier: with every Conv/Gemm in float INT8 still loses."""
+    """tensorrt, every layer INT8: a bound of 0 is met only with all three layers in float, the FP32 model."""
     _copy(outlier_onnx, "m.onnx")
-    result = cli("quantize", "m.onnx", "-p", "int8", "--max-drop", "0", "--rank-samples", "300",
-                 "--calib-samples", "64", "--no-bench", ok=False)
-    assert_one_line_error(result, "--max-drop 0: only FP32 meets it", "nothing written")
+    result = cli("quantize", "m.onnx", "-p", "int8", "--target", "tensorrt", "--quantize-all-layers", "--max-drop",
+                 "0", "--rank-samples", "300", "--calib-samples", "64", "--no-bench", ok=False)
+    assert_one_line_error(result, "--max-drop 0: only FP32 meets it", "that is the FP32 model", "nothing written")
     assert sorted(p.name for p in Path().iterdir()) == ["m.onnx", "m.onnx.json"]
 
 
@@ -160,3 +161,64 @@ def test_guard_without_labelled_data_is_one_line_error(cli, outlier_onnx):
     assert_one_line_error(cli("quantize", "m.onnx", "-p", "fp16", "--max-drop", "1", ok=False),
                           "--max-drop applies to --precision int8 only")
     assert sorted(p.name for p in Path().iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+@pytest.fixture(scope="module")
+def scaled_onnx(outlier_onnx, tmp_path_factory) -> Path:
+    """The outlier model's graph with the outlier channel at 0 and its Add replaced by a Mul with a constant
+    per-channel scale [2, ..., 2, 1e5]: the FP32 function is unchanged (2h = h + h; the scaled channel is 0
+    and conv2 ignores it) but quantizing that constant per tensor rounds every 2 to 0, so the Mul zeroes the
+    network. Keeping every Mul in float (an operator group, ort-cpu) is the fix; no weighted layer helps."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(outlier_onnx))
+    inits = {i.name: i for i in model.graph.initializer}
+    conv1 = next(n for n in model.graph.node if n.op_type == "Conv")
+    bias = numpy_helper.to_array(inits[conv1.input[2]]).copy()
+    bias[8] = 0.0  # the constant channel is now 0 after the ReLU
+    inits[conv1.input[2]].CopyFrom(numpy_helper.from_array(bias, conv1.input[2]))
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    scale = np.full((1, 9, 1, 1), 2.0, dtype=np.float32)
+    scale[0, 8] = 1e5
+    model.graph.initializer.append(numpy_helper.from_array(scale, "channel_scale"))
+    i = list(model.graph.node).index(add)
+    model.graph.node.remove(add)
+    model.graph.node.insert(i, helper.make_node("Mul", [add.input[0], "channel_scale"], list(add.output),
+                                                name="scale_mul"))
+    out = tmp_path_factory.mktemp("scaled") / "scaled.onnx"
+    onnx.save(model, str(out))
+    out.with_name(out.name + ".json").write_text(json.dumps({"dataset": "fashion-mnist"}))
+    return out
+
+
+def test_candidates_include_operator_groups_for_ort_cpu_only(scaled_onnx):
+    from deploycomp.quantize import QuantizeOptions
+    from deploycomp.sensitivity import candidate_layers
+
+    cpu = candidate_layers(scaled_onnx, QuantizeOptions(target="ort-cpu"))
+    trt = candidate_layers(scaled_onnx, QuantizeOptions(target="tensorrt", quantize_all_layers=True))
+    weighted = [c.name for c in trt]
+    assert [c.op_type for c in trt] == ["Conv", "Conv", "Gemm"] and not any(c.is_group for c in trt)
+    assert [c.name for c in cpu if not c.is_group] == weighted
+    groups = {c.op_type: c for c in cpu if c.is_group}
+    assert groups["Mul"].nodes == ("scale_mul",) and groups["Mul"].name == "every Mul (1 node)"
+    assert len(groups["Relu"].nodes) == 2 and "Conv" not in groups
+
+
+def test_max_drop_keeps_an_operator_group_in_float(scaled_onnx, tmp_path):
+    out = tmp_path / "g.onnx"
+    rec = quantize_onnx(scaled_onnx, out, precision="int8", max_drop=3.0, rank_samples=300, eval_samples=1000,
+                        calib_samples=64, bench=False)
+    guard = rec["quantization"]["guard"]
+    assert guard["int8_drop_points"] > 20
+    assert [(r["layer"], r["nodes"]) for r in guard["float_layers"]] == [("every Mul (1 node)", ["scale_mul"])]
+    assert guard["float_layers"][0]["rank"] == 1 and guard["float_layers"][0]["gain_points"] > 20
+    assert "scale_mul" in rec["quantization"]["float_nodes"]
+    assert rec["accuracy"]["top1_drop_points"] <= 3.0
+    import onnx
+
+    g = onnx.load(str(out)).graph  # the Mul takes its float constant, not a dequantized one
+    producers = {o: n.op_type for n in g.node for o in n.output}
+    mul = next(n for n in g.node if n.name == "scale_mul")
+    assert producers.get(mul.input[1]) != "DequantizeLinear"

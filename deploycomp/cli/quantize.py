@@ -36,7 +36,8 @@ from deploycomp.cli.options import (
               help="INT8: keep no layer in float (by default the tensorrt target keeps the first convolution and "
                    "the classifier in float).")
 @click.option("--max-drop", "max_drop", type=float, default=None, metavar="POINTS",
-              help="INT8: keep the most sensitive weighted layers (Conv/Gemm/MatMul) in float until the drop of "
+              help="INT8: keep the most sensitive layers (Conv/Gemm/MatMul; for ort-cpu also each operator type "
+                   "between them, e.g. every Mul) in float until the drop of "
                    "the task's metric (top-1, mIoU, mAP) against FP32 on a validation subset of the training "
                    "split is at most POINTS; ranks every layer (one evaluation each), then bisects over how many "
                    "to keep (at most N + 3 + log2 N evaluations), reports the test split and, for ort-cpu, times "
