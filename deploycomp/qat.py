@@ -219,21 +219,23 @@ def _first_conv_and_last_linear(model, layers, calib) -> list[str]:
     return list(dict.fromkeys(convs[:1] + linears[-1:]))
 
 
-def calibration_images(dataset) -> list:
-    """The (x, y) batches `deploycomp quantize` calibrates on by default (fewer when the split is smaller)."""
+def calibration_images(dataset, samples: int = CALIB_SAMPLES) -> list:
+    """The (x, y) batches `deploycomp quantize --calib-samples N` calibrates on (fewer when the split is smaller):
+    the first ``samples`` of the same seeded permutation, whatever the batch size."""
     from deploycomp.data import calibration_batches
 
-    n = min(CALIB_SAMPLES, len(dataset))
+    n = min(samples, len(dataset))
     return calibration_batches(dataset, n, min(CALIB_BATCH, n), seed=CALIB_SEED)
 
 
-def qat_setup(target: str, *, all_layers: bool = False, data_dir=None):
+def qat_setup(target: str, *, all_layers: bool = False, data_dir=None, calib_samples: int = CALIB_SAMPLES):
     """``(prepare, after_epoch, finish, lineage)`` for :func:`deploycomp.workflows.run_training` (``train --qat``).
 
     ``prepare`` attaches fake quantization for ``target`` (a name in ``INT8_TARGETS``) after measuring the
-    input ranges on the un-augmented training split; ``after_epoch`` re-measures them (before the epoch's
-    validation, which therefore scores the simulated INT8 model ``quantize`` will make); ``finish`` detaches
-    it (the weights stay on the grid) and records what was simulated in the lineage.
+    input ranges on ``calib_samples`` images of the un-augmented training split (those ``quantize`` will
+    use); ``after_epoch`` re-measures them (before the epoch's validation, which therefore scores the
+    simulated INT8 model ``quantize`` will make); ``finish`` detaches it (the weights stay on the grid) and
+    records what was simulated in the lineage.
     """
     spec = fake_quant_for(target)
     state: dict[str, Any] = {}
@@ -245,7 +247,8 @@ def qat_setup(target: str, *, all_layers: bool = False, data_dir=None):
 
         train, _ = load_dataset(data.info.name, "train", data_dir, input_size=tuple(data.info.input_shape[1:]),
                                 fit=model_inputs(ckpt))
-        qat = state["qat"] = QuantAwareModel(ckpt.model, spec, calibration_images(train), all_layers=all_layers)
+        qat = state["qat"] = QuantAwareModel(ckpt.model, spec, calibration_images(train, calib_samples),
+                                             all_layers=all_layers)
         kept = f"; kept in float as the target keeps them: {', '.join(qat.skipped)}" if qat.skipped else ""
         console.info(f"QAT for {spec.target}: fake INT8 on {len(qat.layers)} layers (weights per channel, inputs "
                      f"per tensor, ranges from {sum(len(x) for x, _ in qat.calib)} training images){kept}")

@@ -223,3 +223,28 @@ def test_recipe_qat_step(tmp_path):
     bad.write_text(text.replace("target: tensorrt", "target: tensorrrt"))
     with pytest.raises(RecipeError, match=r"variants\[1\]\.qat\.target.*tensorrrt"):
         load_recipe(bad)
+
+
+def test_pipeline_qat_step_runs(cli, tmp_path):
+    """A variant whose qat step follows the original: the stage trains with fake INT8 and saves grid weights."""
+    import torch
+
+    from deploycomp.checkpoint import load_model
+    from tests.test_pipeline import VALID
+
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(VALID.replace("  - name: mag50\n    prune: {method: magnitude, ratio: 0.5, finetune: {epochs: 1, "
+                                    "train_samples: 32, batch_size: 32}}\n",
+                                    "  - name: q\n    qat: {epochs: 1, train_samples: 32, batch_size: 32}\n")
+                      .replace("backends: [torch, ort]", "backends: [ort]"))
+    cli("-q", "pipeline", recipe, "-o", tmp_path / "run")
+    stage = next((tmp_path / "run" / "stages").glob("qat-*"))
+    record = json.loads((stage / "record.json").read_text())["record"]
+    assert record["command"] == "qat" and record["params"]["qat"]["target"] == "ort-cpu"
+    assert record["params"]["lr"] == pytest.approx(1e-3) and record["params"]["epochs"] == 1
+    model = load_model(str(next(stage.glob("*.pt")))).model
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = m.weight.detach().flatten(1)
+            q = w / (w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127)
+            assert torch.allclose(q, q.round(), atol=1e-3)

@@ -235,7 +235,9 @@ def _stage_qat(run: StageRun) -> dict[str, Any]:
     o = dict(run.options)
     target, all_layers = o.pop("target", None) or "ort-cpu", bool(o.pop("all_layers", False))
     ckpt = run.load_parent_checkpoint()
-    prepare, after_epoch, finish, lineage = qat_setup(target, all_layers=all_layers, data_dir=run.study.data_dir)
+    calib = (run.study.options.get("quantize") or {}).get("calib_samples")  # the images quantize will use
+    prepare, after_epoch, finish, lineage = qat_setup(target, all_layers=all_layers, data_dir=run.study.data_dir,
+                                                      **({"calib_samples": calib} if calib else {}))
     prepare(ckpt, run.data(need_train=True))
     config = train_config({"epochs": DEFAULT_EPOCHS, **o}, run.study.device)
     if config.lr is None:
