@@ -250,7 +250,7 @@ def _only_fp32(max_drop: float, why: str, task, val, drop_full: float, src: Path
                      f"{src}, or allow a larger drop")
 
 
-def speed(fp32: Path, variants: Variants, chosen: list[dict[str, Any]], sessions: int = 2) -> dict[str, Any]:
+def speed(fp32: Path, variants: Variants, chosen: list[dict[str, Any]], sessions: int = 5) -> dict[str, Any]:
     """Paired ort-cpu latency of FP32, full INT8, the guarded model and (up to BENCH_LAYERS) each float candidate
     alone; ``chosen`` are the guard's ``float_layers`` entries (``layer``, ``nodes``)."""
     from deploycomp.bench import BenchConfig, benchmark
