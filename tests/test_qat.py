@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -248,3 +249,65 @@ def test_pipeline_qat_step_runs(cli, tmp_path):
             w = m.weight.detach().flatten(1)
             q = w / (w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127)
             assert torch.allclose(q, q.round(), atol=1e-3)
+
+
+def test_ort_cpu_simulates_the_operators_between_layers(calib, tmp_path):
+    """ort-cpu quantizes the tensors between the layers too (the BatchNorm-folded convolution outputs, SiLU's
+    sigmoid and product, pooling): with those rounded, the fake-quantized model is closer to what ONNX Runtime
+    runs than with the layer inputs alone (measured: 0.0009 against 0.0020 mean |diff| of the logits)."""
+    import torch
+
+    from deploycomp.export import ort_run, ort_session
+
+    x = torch.cat([b for b, _ in calib[:4]])
+
+    def silu_net():
+        net = _net()
+        net[2], net[5] = torch.nn.SiLU(), torch.nn.SiLU()
+        return net
+
+    def simulated(between: bool) -> np.ndarray:
+        net = silu_net()
+        spec = fake_quant_for("ort-cpu")
+        qat = QuantAwareModel(net, spec if between else dataclasses.replace(spec, quantize_between=False), calib)
+        assert qat.between == (5 if between else 0)  # 2 BatchNorm, 2 SiLU, 1 pooling
+        with torch.no_grad():
+            out = net(x).numpy()
+        qat.remove()
+        return out
+
+    full, inputs_only = simulated(True), simulated(False)
+    src = _export(silu_net(), tmp_path / "m.onnx")
+    quantize_onnx(src, tmp_path / "m.int8.onnx", precision="int8", evaluate=False)
+    ort = ort_run(ort_session(tmp_path / "m.int8.onnx"), x.numpy())
+    assert np.abs(ort - full).mean() < 0.6 * np.abs(ort - inputs_only).mean()
+
+
+def test_relu_after_batchnorm_rounds_once(calib):
+    """Conv-BN-ReLU: onnxruntime quantizes the folded convolution output once, with the ReLU's range."""
+    qat = QuantAwareModel(_net(), fake_quant_for("ort-cpu"), calib)
+    assert qat.between == 3  # the two ReLU and the pooling, not the BatchNorm before each ReLU
+    qat.remove()
+
+
+def test_silu_is_simulated_as_the_graph_computes_it(calib):
+    """SiLU exports as x * Sigmoid(x), both rounded; an in-place SiLU must not overwrite the input the
+    simulation needs, and gets its in-place flag back when QAT is removed."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.SiLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 10)).eval()
+    x = calib[0][0][:8]
+    qat = QuantAwareModel(net, fake_quant_for("ort-cpu"), calib)
+    assert not net[1].inplace and qat.between == 2  # SiLU and the pooling
+    with torch.no_grad():
+        h = net[0](x)
+        sim = net[1](h)
+        ref = h * torch.sigmoid(h)
+    step = float(ref.max() - ref.min()) / 255
+    assert float((sim - ref).abs().max()) < 3 * step  # rounded x * sigmoid(x) ...
+    assert float((torch.nn.functional.silu(ref) - ref).abs().max()) > 30 * step  # ... not silu(silu(x))
+    qat.remove()
+    assert net[1].inplace
