@@ -133,3 +133,13 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(errors) == 1, result.output
     for f in fragments:
         assert f in errors[0], f"{f!r} not in {errors[0]!r}"
+
+
+@pytest.fixture()
+def quiet_console():
+    """Results and warnings only (no progress lines) for one test; verbosity restored after it."""
+    from deploycomp import console
+
+    console.set_verbosity(console.QUIET)
+    yield
+    console.set_verbosity(console.NORMAL)

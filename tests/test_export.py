@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from deploycomp import console
 from deploycomp.checkpoint import load_model
 from deploycomp.errors import ParityError, UsageError
 from deploycomp.export import export_onnx, io_info, load_onnx, ort_run, ort_session
@@ -22,10 +21,8 @@ TORCHVISION_SAMPLE = ["mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "e
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    console.set_verbosity(console.QUIET)
-    yield
-    console.set_verbosity(console.NORMAL)
+def _quiet(quiet_console):
+    """Progress lines off for every test here (conftest.quiet_console)."""
 
 
 def fmnist_checkpoint(path: Path, arch: str = "light_resnet18") -> Path:

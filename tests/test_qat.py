@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploycomp import console
 from deploycomp.qat import QuantAwareModel, calibration_images, fake_quant_for
 from deploycomp.quantize import quantize_onnx
 from tests.conftest import assert_one_line_error, needs_fmnist
@@ -20,10 +19,8 @@ pytestmark = needs_fmnist
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    console.set_verbosity(console.QUIET)
-    yield
-    console.set_verbosity(console.NORMAL)
+def _quiet(quiet_console):
+    """Progress lines off for every test here (conftest.quiet_console)."""
 
 
 @pytest.fixture(scope="module")

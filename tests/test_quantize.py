@@ -22,10 +22,8 @@ pytestmark = needs_fmnist
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    console.set_verbosity(console.QUIET)
-    yield
-    console.set_verbosity(console.NORMAL)
+def _quiet(quiet_console):
+    """Progress lines off for every test here (conftest.quiet_console)."""
 
 
 @pytest.fixture(scope="module")

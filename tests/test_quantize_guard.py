@@ -20,10 +20,8 @@ OUTLIER = 1e5  # one activation channel this large: a per-tensor INT8 scale of ~
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    console.set_verbosity(console.QUIET)
-    yield
-    console.set_verbosity(console.NORMAL)
+def _quiet(quiet_console):
+    """Progress lines off for every test here (conftest.quiet_console)."""
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,8 @@ from tests.conftest import needs_fmnist
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    console.set_verbosity(console.QUIET)
-    yield
-    console.set_verbosity(console.NORMAL)
+def _quiet(quiet_console):
+    """Progress lines off for every test here (conftest.quiet_console)."""
 
 
 @needs_fmnist
@@ -100,7 +98,6 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 def test_val_samples_validate_on_a_subset_but_test_means_the_whole_split(tmp_path):
     """--val-samples makes each epoch's validation cheap; the metric recorded as "test" is still the test split."""
-    from deploycomp import console
     from deploycomp.checkpoint import load_model
     from deploycomp.data import load_dataset
     from deploycomp.train import TrainConfig, evaluate

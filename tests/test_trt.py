@@ -31,10 +31,8 @@ SHAPE = [None, 1, 28, 28]
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    console.set_verbosity(console.QUIET)
-    yield
-    console.set_verbosity(console.NORMAL)
+def _quiet(quiet_console):
+    """Progress lines off for every test here (conftest.quiet_console)."""
 
 
 # -- pure parts -------------------------------------------------------------------------------------------
