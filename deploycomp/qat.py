@@ -205,7 +205,6 @@ class QuantAwareModel:
             self.skipped = _first_conv_and_last_linear(model, layers, calib)
         self.layers = [(n, m) for n, m in layers if n not in self.skipped]
         self._hooks, self._quants, self._inplace = [], [], []
-        self.between = 0  # operators whose outputs are rounded too (ort-cpu)
         self._attach()
         self.calibrate()
 
@@ -232,28 +231,28 @@ class QuantAwareModel:
                 hook = kind(self.spec)
                 self._quants.append(hook)
                 self._hooks.append(m.register_forward_hook(hook))
-                self.between += 1
 
     def _ranges(self):
         return [r for q in self._quants for r in q.ranges]
 
     def calibrate(self) -> None:
         """Ranges of the float model (weights already on the grid), in eval mode, on the calibration images."""
-        import torch
-
-        was_training = self.model.training
         for r in self._ranges():
             r.reset()
-        device = next(self.model.parameters()).device
-        self.model.eval()
         try:
-            with torch.no_grad():
-                for x, _ in self.calib:
-                    self.model(x.to(device))
+            _eval_forward(self.model, [x for x, _ in self.calib])
         finally:
-            self.model.train(was_training)
             for r in self._ranges():
                 r.finish()
+
+    @property
+    def between(self) -> int:
+        """Operators whose outputs are rounded too (ort-cpu): the hooks beyond one per layer."""
+        return len(self._quants) - len(self.layers)
+
+    @property
+    def calib_images(self) -> int:
+        return sum(len(x) for x, _ in self.calib)
 
     def remove(self) -> None:
         """Detach the fake quantization; the weights keep their rounded (INT8-grid) values."""
@@ -275,27 +274,36 @@ class QuantAwareModel:
                 "operators_between": self.between,
                 "weights": f"int8 symmetric per-channel, [-{s.weight_qmax}, {s.weight_qmax}]",
                 "activations": f"{'int8 symmetric' if s.act_symmetric else 'uint8 asymmetric'} per-tensor, "
-                               f"[{s.act_qmin}, {s.act_qmax}], min/max on {sum(len(x) for x, _ in self.calib)} "
+                               f"[{s.act_qmin}, {s.act_qmax}], min/max on {self.calib_images} "
                                "training images, re-measured after every epoch",
                 "simulated_by": "torch.fake_quantize_per_channel_affine / fake_quantize_per_tensor_affine"}
 
 
 def _call_order(model, modules, calib) -> list[str]:
     """The names of ``modules`` ((name, module) pairs) in the order one calibration image calls them."""
-    import torch
-
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in modules]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(calib[0][0][:1].to(next(model.parameters()).device))
+        _eval_forward(model, [calib[0][0][:1]])
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return order
+
+
+def _eval_forward(model, batches) -> None:
+    """Run ``batches`` through ``model`` in eval mode without gradients; its train/eval mode is restored."""
+    import torch
+
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x.to(device))
+    finally:
+        model.train(was_training)
 
 
 def _first_conv_and_last_linear(model, layers, calib) -> list[str]:
@@ -318,6 +326,14 @@ def _norms_before_relu(model, calib) -> set[str]:
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     return {a for a, b in zip(order, order[1:], strict=False) if isinstance(kinds[a], norms)
             and isinstance(kinds[b], (nn.ReLU, nn.ReLU6))}
+
+
+def set_default_lr(config) -> None:
+    """QAT's learning rate when none is given: ``LR_FACTOR`` of the optimizer's training default (in place)."""
+    from deploycomp.train import default_lr as training_lr
+
+    if config.lr is None:
+        config.lr = LR_FACTOR * training_lr(config.optimizer)
 
 
 def calibration_images(dataset, samples: int = CALIB_SAMPLES) -> list:
@@ -353,7 +369,7 @@ def qat_setup(target: str, *, all_layers: bool = False, data_dir=None, calib_sam
         kept = f"; kept in float as the target keeps them: {', '.join(qat.skipped)}" if qat.skipped else ""
         between = f" and the outputs of {qat.between} operators between them" if qat.between else ""
         console.info(f"QAT for {spec.target}: fake INT8 on {len(qat.layers)} layers (weights per channel, inputs "
-                     f"per tensor){between}, ranges from {sum(len(x) for x, _ in qat.calib)} training images{kept}")
+                     f"per tensor){between}, ranges from {qat.calib_images} training images{kept}")
 
     def after_epoch() -> None:
         state["qat"].calibrate()

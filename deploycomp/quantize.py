@@ -565,7 +565,7 @@ def _guard(src: Path, opts: QuantizeOptions, work: Path, max_drop: float | None,
     with console.status_line(f"FP32 {metric} on {len(val)} validation images"), sens._quietly():
         fp32 = evaluate_onnx(src, val, task=task)[metric]
     found = sens.search(src, opts, val, work, fp32, max_drop, sensitivity, task)
-    opts.extra_float_nodes = tuple(n for r in found.get("float_layers", []) for n in r["nodes"])
+    opts.extra_float_nodes = tuple(sens.float_nodes(found.get("float_layers", [])))
     return found
 
 

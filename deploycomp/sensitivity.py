@@ -88,6 +88,11 @@ class Candidate:
         return len(self.nodes) != 1 or self.nodes[0] != self.name
 
 
+def float_nodes(float_layers: list[dict[str, Any]]) -> list[str]:
+    """The graph nodes of the guard's ``float_layers`` entries (each a layer or an operator group)."""
+    return [n for entry in float_layers for n in entry["nodes"]]
+
+
 def candidate_layers(src: Path, opts) -> list[Candidate]:
     """The weighted operators the target quantizes, in graph order, then (for a target that quantizes every
     operator onnxruntime has an integer kernel for) one group per other quantized operator type."""
@@ -217,24 +222,24 @@ def search(src: Path, opts, val, work: Path, fp32_score: float, max_drop: float 
     record["evaluation_bound"] = len(layers) + 3 + math.ceil(math.log2(max(len(layers), 1)))
     chosen: list[str] = []
 
-    def float_nodes(names: list[str]) -> list[str]:
+    def nodes(names: list[str]) -> list[str]:
         return [n for name in names for n in nodes_of[name]]
 
     if drop_full > max_drop:
         order = [r["layer"] for r in ranking]
-        groups = sum(c.is_group for c in layers)
+        groups = record["groups_considered"]
         what = f"{len(order) - groups} weighted layers" + (f" and {groups} operator groups" if groups else "")
-        all_float = fp32_score - variants.score(float_nodes(order))
+        all_float = fp32_score - variants.score(nodes(order))
         if all_float > max_drop:
             _only_fp32(max_drop, f"with all {what} in float INT8 still loses {all_float:.2f} points", task, val,
                        drop_full, src)
-        k = smallest_prefix(lambda k: fp32_score - variants.score(float_nodes(order[:k])) <= max_drop, len(order))
+        k = smallest_prefix(lambda k: fp32_score - variants.score(nodes(order[:k])) <= max_drop, len(order))
         if k == len(order):  # nothing is left INT8 but what no candidate covers: that is the FP32 model
             _only_fp32(max_drop, f"only all {what} in float meet it, and that is the FP32 model", task, val,
                        drop_full, src)
         chosen = order[:k]
     gains = {r["layer"]: r for r in ranking}
-    final = variants.score(float_nodes(chosen))
+    final = variants.score(nodes(chosen))
     record.update({
         "float_layers": [{"layer": n, "op_type": gains[n]["op_type"], "rank": gains[n]["rank"],
                           "gain_points": gains[n]["gain_points"], "nodes": list(nodes_of[n])} for n in chosen],
@@ -257,7 +262,7 @@ def speed(fp32: Path, variants: Variants, chosen: list[dict[str, Any]], sessions
 
     arts = [("fp32", fp32), ("int8", variants.path([]))]
     if chosen:
-        arts.append(("guarded", variants.path([n for c in chosen for n in c["nodes"]])))
+        arts.append(("guarded", variants.path(float_nodes(chosen))))
         if 1 < len(chosen) <= BENCH_LAYERS:
             arts += [(f"float:{c['layer']}", variants.path(c["nodes"])) for c in chosen]
     config = BenchConfig(backend="ort", device="cpu", sessions=sessions, rounds=6, duration_s=0.3, threads=1)

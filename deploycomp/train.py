@@ -78,13 +78,13 @@ class TrainingInterrupted(DeploycompError):
 # -- registries ------------------------------------------------------------------------------------
 
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer")
+SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}  # --lr when none is given
 
 
 def default_lr(optimizer: str) -> float:
     OPTIMIZERS.get(optimizer)  # an unknown name: the registry's one-line error
     return DEFAULT_LR[optimizer]
-SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule")
 
 
 @OPTIMIZERS.register("sgd")

@@ -82,7 +82,6 @@ def train(opts: dict) -> None:
     continues with --resume. Under `torchrun --nproc-per-node N` it trains with DDP.
 
     \b
-    \b
     Examples:
       # the shipped baseline
       deploycomp train --model light_resnet18 --data fashion-mnist --epochs 6 -o models/light_resnet18_fmnist.pt
@@ -107,8 +106,7 @@ def train(opts: dict) -> None:
     config, hooks = train_config(opts), {}
     if opts["qat_target"] is not None or opts["qat_all_layers"]:
         from deploycomp.errors import check
-        from deploycomp.qat import LR_FACTOR, qat_setup
-        from deploycomp.train import default_lr
+        from deploycomp.qat import qat_setup, set_default_lr
 
         check(opts["qat_target"] is not None, "--qat-all-layers needs --qat TARGET, e.g. --qat tensorrt")
         check(prepare is None, "--qat cannot be combined with --stochastic-depth or --freeze")
@@ -116,8 +114,7 @@ def train(opts: dict) -> None:
                                                         data_dir=opts["data_dir"])
         hooks = {"after_epoch": after_epoch, "finish": finish}
         lineage.update(extra)
-        if config.lr is None:
-            config.lr = LR_FACTOR * default_lr(config.optimizer)
+        set_default_lr(config)
     record = run_training(opts["model"], config, output=opts["output"], data=opts["data"],
                           data_dir=opts["data_dir"], resume=opts["resume"], penalties=penalties, lineage=lineage,
                           prepare=prepare, op="qat" if hooks else "train", **hooks, **model_kwargs(opts))

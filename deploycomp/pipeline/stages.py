@@ -229,8 +229,7 @@ def _teacher(run: StageRun):
 @register_stage("qat", MODEL_FILE, produces_model=True)
 def _stage_qat(run: StageRun) -> dict[str, Any]:
     """Quantization-aware fine-tuning of the previous model for an INT8 target (``deploycomp train --qat``)."""
-    from deploycomp.qat import DEFAULT_EPOCHS, LR_FACTOR, qat_setup
-    from deploycomp.train import default_lr
+    from deploycomp.qat import DEFAULT_EPOCHS, qat_setup, set_default_lr
 
     o = dict(run.options)
     target, all_layers = o.pop("target", None) or "ort-cpu", bool(o.pop("all_layers", False))
@@ -240,8 +239,7 @@ def _stage_qat(run: StageRun) -> dict[str, Any]:
                                                       **({"calib_samples": calib} if calib else {}))
     prepare(ckpt, run.data(need_train=True))
     config = train_config({"epochs": DEFAULT_EPOCHS, **o}, run.study.device)
-    if config.lr is None:
-        config.lr = LR_FACTOR * default_lr(config.optimizer)
+    set_default_lr(config)
     console.info(f"{run.stage.label}: quantization-aware training for {target}, {config.epochs} epoch(s), "
                  f"lr {config.lr:g}")
     return _fit_stage(run, ckpt, config, op="qat", lineage=lineage, after_epoch=after_epoch, finish=finish)
